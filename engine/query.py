@@ -1,0 +1,88 @@
+"""SQL over an output folder with DuckDB: views `images`, `objects`, `captions`, and the stats report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import duckdb
+
+FORMATS = ("table", "csv", "json")
+
+
+def connect(out: Path) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views of output folder `out` registered."""
+    out = Path(out)
+    for table in ("images", "objects"):
+        if not any((out / table).glob("part-*.parquet")):
+            raise FileNotFoundError(f"{out / table}: no part-*.parquet files (is {out} an output folder?)")
+    con = duckdb.connect()
+    for table in ("images", "objects"):
+        pattern = str(out / table / "part-*.parquet").replace("'", "''")
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}')")
+    con.execute(
+        "CREATE VIEW captions AS SELECT object_id, image_id, category, status, keep, "
+        "c.text AS text, c.provenance AS provenance, c.score AS score "
+        "FROM (SELECT *, unnest(captions) AS c FROM objects)"
+    )
+    return con
+
+
+def run_query(out: Path, sql: str) -> tuple[list[str], list[tuple]]:
+    con = connect(out)
+    try:
+        result = con.execute(sql)
+    except duckdb.Error as exc:
+        raise ValueError(f"query failed: {exc}") from exc
+    columns = [d[0] for d in result.description] if result.description else []
+    return columns, result.fetchall()
+
+
+def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    """CSV or JSON text of a result (the table format is drawn by the CLI with rich)."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return buf.getvalue()
+    if fmt == "json":
+        return json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1)
+    raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+STATS_QUERIES = {
+    "objects by source and status": (
+        "SELECT i.source, o.status, count(*) AS objects FROM objects o "
+        "JOIN images i USING (image_id) GROUP BY ALL ORDER BY ALL"
+    ),
+    "images by status": "SELECT status, count(*) AS images FROM images GROUP BY ALL ORDER BY ALL",
+    "objects by mask provenance": (
+        "SELECT coalesce(mask_origin, '(none)') AS mask_origin, status, count(*) AS objects "
+        "FROM objects GROUP BY ALL ORDER BY ALL"
+    ),
+    "reject and filter reasons (top 20)": (
+        "SELECT status, reject_reason, count(*) AS objects FROM objects WHERE NOT keep "
+        "GROUP BY ALL ORDER BY objects DESC, reject_reason LIMIT 20"
+    ),
+    "categories (top 25)": (
+        "SELECT category, count(*) AS objects, count(*) FILTER (WHERE keep) AS kept, "
+        "round(avg(box_iou) FILTER (WHERE mask IS NOT NULL), 3) AS mean_box_iou "
+        "FROM objects GROUP BY ALL ORDER BY objects DESC, category LIMIT 25"
+    ),
+    "captions by provenance": (
+        "SELECT provenance, count(*) AS captions, count(DISTINCT object_id) AS objects "
+        "FROM captions GROUP BY ALL ORDER BY ALL"
+    ),
+}
+
+
+def stats(out: Path) -> dict[str, tuple[list[str], list[tuple]]]:
+    con = connect(out)
+    report = {}
+    for title, sql in STATS_QUERIES.items():
+        result = con.execute(sql)
+        report[title] = ([d[0] for d in result.description], result.fetchall())
+    return report

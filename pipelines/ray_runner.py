@@ -1,0 +1,84 @@
+"""Ray executor: unit numbers -> Ray Data -> an actor pool of UnitWorkers -> results to the driver.
+
+Locally, `ray.init` is sized to the machine with no dashboard; `ray_address` joins an existing cluster
+(whose nodes must have this package installed, e.g. the image in docker/). Sizing rule measured on a
+2-core box (ENV.md): an actor pool that takes every CPU starves Ray Data's own tasks and deadlocks, so
+workers share all CPUs but one. On a cluster with GPUs each worker gets its share of a GPU and models
+resolve `device=auto` to CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+from pipelines.stages import UnitWorker, WorkerSpec, from_ipc
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None) -> bool:
+    """Start or join Ray; return True when this call started it (so the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        # A private local cluster: no token auth prompt, no dashboard, no log spam on the terminal.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    return True
+
+
+def worker_resources(workers: int, uses_gpu: bool) -> tuple[int, float, float]:
+    """(pool size, CPUs per worker, GPUs per worker) from the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    if workers == 0:
+        workers = int(gpus) if uses_gpu and gpus >= 1 else max(1, int(cpus))
+    spare = max(cpus - 1.0, cpus / 2)  # keep one CPU (or half of a tiny box) for Ray Data tasks
+    cpu_each = min(1.0, spare / workers)
+    gpu_each = min(1.0, gpus / workers) if uses_gpu and gpus > 0 else 0.0
+    return workers, cpu_each, gpu_each
+
+
+def wants_gpu(spec: WorkerSpec) -> bool:
+    return spec.masker.device != "cpu" and spec.masker.name not in ("box", "grabcut") or (
+        spec.captioner.device != "cpu" and spec.captioner.name not in ("template", "none")
+    )
+
+
+def run_ray(spec: WorkerSpec, pending: list[int], workers: int,
+            address: str | None) -> Iterator[tuple]:
+    import ray
+    import ray.data
+
+    started = init_ray(address)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the engine draws its own progress
+        ctx.print_on_execution_start = False
+        size, cpu_each, gpu_each = worker_resources(workers, wants_gpu(spec))
+        spec.threads = max(1, int(cpu_each) or 1)
+        log.info("ray: %d workers x %.2f CPU, %.2f GPU", size, cpu_each, gpu_each)
+        ds = ray.data.from_items([{"unit": k} for k in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(
+            UnitWorker,
+            fn_constructor_args=(spec,),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=cpu_each,
+            num_gpus=gpu_each,
+            max_restarts=3,
+            max_task_retries=3,
+        )
+        for row in ds.iter_rows():
+            yield int(row["unit"]), from_ipc(row["images"]), from_ipc(row["objects"])
+    finally:
+        if started:
+            ray.shutdown()

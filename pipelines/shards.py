@@ -1,0 +1,148 @@
+"""Shard files and the manifest: atomic writes, checksums, the resume marker.
+
+Layout of an output folder:
+    manifest.json                 schema version, source, resolved config, code version, per-unit rows and
+                                  checksums, totals; rewritten (atomically) after every finished unit
+    images/part-NNNNN.parquet     one row per image of unit N
+    objects/part-NNNNN.parquet    one row per object of unit N, sorted by image_id
+    _plan/plan.parquet            the work units (see pipelines/plan.py)
+
+A unit counts as done only when its entry is in the manifest and both files still match their
+checksums; anything else is (re)written. So a run killed at any point resumes with no duplicates and no
+holes: a half-written file only ever exists under a temporary name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import SCHEMA_VERSION, validate
+
+TABLE_NAMES = ("images", "objects")
+MANIFEST = "manifest.json"
+# Objects rows are small (no pixels), so large row groups are fine for scans; see reference notes.
+ROW_GROUP_ROWS = 64 * 1024
+
+
+def part_name(unit: int) -> str:
+    return f"part-{unit:05d}.parquet"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> str:
+    """Write `table` to `path` via a temporary name + rename; return the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    digest = sha256_file(tmp)
+    _fsync_replace(tmp, path)
+    return digest
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    _fsync_replace(tmp, path)
+
+
+@dataclass
+class Manifest:
+    """The manifest of one output folder (see the module docstring)."""
+
+    out: Path
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, out: Path) -> Manifest | None:
+        path = out / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return cls(out, json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); delete it to start over") from exc
+
+    @classmethod
+    def create(cls, out: Path, header: dict) -> Manifest:
+        data = {"schema_version": SCHEMA_VERSION, **header, "units": {}, "totals": {}}
+        data["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        return cls(out, data)
+
+    @property
+    def units(self) -> dict[str, dict]:
+        return self.data["units"]
+
+    def done_units(self) -> set[int]:
+        """Units whose entry exists and whose files still match their recorded checksums."""
+        done = set()
+        for key, entry in self.units.items():
+            files = [self.out / entry[f"{t}_file"] for t in TABLE_NAMES]
+            if all(f.exists() for f in files) and all(
+                sha256_file(f) == entry[f"{t}_sha256"] for f, t in zip(files, TABLE_NAMES)
+            ):
+                done.add(int(key))
+        return done
+
+    def record_unit(self, unit: int, entry: dict) -> None:
+        self.units[f"{unit:05d}"] = entry
+        self.data["totals"] = self.totals()
+        self.data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+        self.save()
+
+    def totals(self) -> dict:
+        keys = ("images", "objects", "kept", "filtered", "rejected", "images_ok", "images_bad")
+        return {k: sum(e["counts"][k] for e in self.units.values()) for k in keys}
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.data, self.out / MANIFEST)
+
+
+def write_unit(out: Path, unit: int, images: pa.Table, objects: pa.Table) -> dict:
+    """Validate and write both tables of `unit`; return its manifest entry (written by the caller
+    after this returns, which is what makes the entry the completion marker)."""
+    validate(images, "images")
+    validate(objects, "objects")
+    entry: dict = {}
+    for name, table in (("images", images), ("objects", objects)):
+        rel = f"{name}/{part_name(unit)}"
+        entry[f"{name}_file"] = rel
+        entry[f"{name}_sha256"] = write_table_atomic(table, out / rel)
+    entry["counts"] = unit_counts(images, objects)
+    return entry
+
+
+def unit_counts(images: pa.Table, objects: pa.Table) -> dict:
+    status = objects.column("status").to_pylist()
+    image_status = images.column("status").to_pylist()
+    ok = sum(s == "ok" for s in image_status)
+    return {
+        "images": images.num_rows,
+        "objects": objects.num_rows,
+        "kept": status.count("kept"),
+        "filtered": status.count("filtered"),
+        "rejected": status.count("rejected"),
+        "images_ok": ok,
+        "images_bad": images.num_rows - ok,
+    }

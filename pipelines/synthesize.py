@@ -1,0 +1,196 @@
+"""The synthesis run: plan units -> workers (Ray or in-process) -> shards + manifest, resumable.
+
+The driver owns all writes. Workers return a unit's two tables; the driver writes both files atomically
+and only then records the unit in the manifest. A rerun with the same configuration skips every unit whose
+files are intact, so an interrupted run finishes with exactly the rows an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipelines.captioners import CAPTIONERS, CaptionerConfig
+from pipelines.maskers import MASKERS, MaskerConfig
+from pipelines.plan import open_plan, write_plan
+from pipelines.process import UnitContext
+from pipelines.quality import QualityConfig
+from pipelines.shards import MANIFEST, Manifest, write_unit
+from pipelines.sources import SOURCES, SourceConfig, open_source
+from pipelines.stages import UnitWorker, WorkerSpec
+
+log = logging.getLogger(__name__)
+EXECUTORS = ("ray", "local")
+
+
+@dataclass
+class SynthesizeConfig:
+    """One `engine synthesize` run. Fields that change results enter the fingerprint; the others
+    (where and how it runs) do not, so a run may resume on a different executor or worker count."""
+
+    source: SourceConfig
+    out: Path
+    masker: MaskerConfig = field(default_factory=MaskerConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    unit_size: int = 64
+    limit: int | None = None
+    remask: bool = False
+    executor: str = "ray"
+    workers: int = 0  # 0: one per CPU (leaving one for Ray's own tasks) or one per GPU
+    ray_address: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source.name not in SOURCES:
+            raise ValueError(f"unknown source {self.source.name!r}; choose one of: {', '.join(SOURCES)}")
+        if self.masker.name not in MASKERS:
+            raise ValueError(f"unknown masker {self.masker.name!r}; choose one of: {', '.join(MASKERS)}")
+        if self.captioner.name not in CAPTIONERS:
+            raise ValueError(
+                f"unknown captioner {self.captioner.name!r}; choose one of: {', '.join(CAPTIONERS)}"
+            )
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; choose one of: {', '.join(EXECUTORS)}")
+        if self.unit_size < 1:
+            raise ValueError(f"--unit-size must be >= 1, got {self.unit_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    run_id: str
+    units_total: int
+    units_skipped: int
+    units_written: int
+    totals: dict
+    input_objects: int
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def resolved_config(cfg: SynthesizeConfig, source) -> dict:
+    """The part of the configuration that decides the output rows."""
+    return {
+        "source": {"name": source.name, "split": source.split, "root": str(source.root),
+                   "annotation_file": str(source.annotation_file) if source.annotation_file else None},
+        "masker": _jsonable(cfg.masker),
+        "captioner": _jsonable(cfg.captioner),
+        "quality": _jsonable(cfg.quality),
+        "unit_size": cfg.unit_size,
+        "limit": cfg.limit,
+        "remask": cfg.remask,
+    }
+
+
+def fingerprint(resolved: dict) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mqengine")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _clear_output(out: Path) -> None:
+    for name in ("images", "objects", "_plan"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
+    """Open the source, make or reuse the plan and manifest; return what is left to do."""
+    source = open_source(cfg.source)
+    resolved = resolved_config(cfg, source)
+    fp = fingerprint(resolved)
+    manifest = Manifest.load(cfg.out)
+    if manifest is not None and manifest.data.get("fingerprint") != fp:
+        if not cfg.overwrite:
+            raise ValueError(
+                f"{cfg.out} holds a run with a different configuration (see its {MANIFEST}); "
+                "use another --out, or --overwrite to replace it"
+            )
+        _clear_output(cfg.out)
+        manifest = None
+    plan_path = cfg.out / "_plan" / "plan.parquet"
+    plan = open_plan(plan_path, fp)
+    if plan is None or manifest is None:
+        plan = write_plan(source.records(), plan_path, cfg.unit_size, fp, cfg.limit)
+        header = {"fingerprint": fp, "run_id": fp[:12], "code_version": code_version(),
+                  "source": resolved["source"], "config": resolved,
+                  "plan": {"units": plan.num_units, "images": plan.num_images,
+                           "objects": plan.num_objects}}
+        manifest = Manifest.create(cfg.out, header)
+        manifest.save()
+    done = manifest.done_units()
+    for key in [k for k in manifest.units if int(k) not in done]:
+        log.warning("unit %s: files missing or changed since they were written; redoing it", key)
+        del manifest.units[key]
+    ctx = UnitContext(source=source.name, split=source.split, root=Path(source.root),
+                      run_id=manifest.data["run_id"], quality=cfg.quality, remask=cfg.remask)
+    spec = WorkerSpec(plan_path=plan_path, context=ctx, masker=cfg.masker, captioner=cfg.captioner)
+    pending = [k for k in range(manifest.data["plan"]["units"]) if k not in done]
+    return manifest, spec, pending
+
+
+Result = tuple[int, pa.Table, pa.Table]
+
+
+def run_local(spec: WorkerSpec, pending: list[int]) -> Iterator[Result]:
+    spec.threads = max(1, os.cpu_count() or 1)
+    worker = UnitWorker(spec)
+    for unit in pending:
+        yield (unit, *worker.run(unit))
+
+
+def run(cfg: SynthesizeConfig, on_unit: Callable[[dict], None] | None = None,
+        on_start: Callable[[int, int], None] | None = None) -> RunSummary:
+    """Run (or resume) a synthesis. `on_start(units_total, units_done)` is called once planning is
+    done; `on_unit(entry)` after each unit is recorded in the manifest."""
+    manifest, spec, pending = prepare(cfg)
+    total = manifest.data["plan"]["units"]
+    skipped = total - len(pending)
+    if on_start:
+        on_start(total, skipped)
+    if pending:
+        if cfg.executor == "local":
+            results = run_local(spec, pending)
+        else:
+            from pipelines.ray_runner import run_ray
+
+            results = run_ray(spec, pending, cfg.workers, cfg.ray_address)
+        for unit, images, objects in results:
+            entry = write_unit(cfg.out, unit, images, objects)
+            manifest.record_unit(unit, entry)
+            if on_unit:
+                on_unit(entry)
+    manifest.data["totals"] = manifest.totals()
+    manifest.save()
+    return RunSummary(cfg.out, manifest.data["run_id"], total, skipped, len(pending),
+                      manifest.data["totals"], manifest.data["plan"]["objects"])
+

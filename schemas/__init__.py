@@ -1,0 +1,21 @@
+"""The annotation contract shared by every stage: Arrow schemas, SCHEMA_VERSION, validate()."""
+
+from schemas.annotations import (
+    FILTERED,
+    GT,
+    IMAGES_SCHEMA,
+    KEPT,
+    OBJECTS_SCHEMA,
+    REJECTED,
+    SCHEMA_VERSION,
+    SchemaError,
+    empty_table,
+    table_from_rows,
+    validate,
+    with_version,
+)
+
+__all__ = [
+    "FILTERED", "GT", "IMAGES_SCHEMA", "KEPT", "OBJECTS_SCHEMA", "REJECTED", "SCHEMA_VERSION",
+    "SchemaError", "empty_table", "table_from_rows", "validate", "with_version",
+]
