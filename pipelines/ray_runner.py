@@ -74,9 +74,7 @@ def run_ray(spec: WorkerSpec, pending: list[int], workers: int,
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=cpu_each,
             num_gpus=gpu_each,
-            max_restarts=3,
-            max_task_retries=3,
-        )
+        )  # Ray Data restarts a crashed actor and retries its unit by default
         for row in ds.iter_rows():
             yield int(row["unit"]), from_ipc(row["images"]), from_ipc(row["objects"])
     finally:

@@ -123,6 +123,13 @@ def _clear_output(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
+def _remove_partial_files(out: Path) -> None:
+    """Temporary files of a killed run (never referenced by the manifest)."""
+    for name in ("images", "objects"):
+        for tmp in (out / name).glob(".part-*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
 def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     """Open the source, make or reuse the plan and manifest; return what is left to do."""
     source = open_source(cfg.source)
@@ -147,6 +154,7 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
                            "objects": plan.num_objects}}
         manifest = Manifest.create(cfg.out, header)
         manifest.save()
+    _remove_partial_files(cfg.out)
     done = manifest.done_units()
     for key in [k for k in manifest.units if int(k) not in done]:
         log.warning("unit %s: files missing or changed since they were written; redoing it", key)
