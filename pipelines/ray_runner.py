@@ -24,6 +24,10 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's own INFO/WARNING lines (execution plans, deprecation notes) drown the engine's progress.
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     if address is None:
         # A private local cluster: no token auth prompt, no dashboard, no log spam on the terminal.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -64,6 +68,7 @@ def run_ray(spec: WorkerSpec, pending: list[int], workers: int,
         ctx.enable_progress_bars = False  # the engine draws its own progress
         ctx.print_on_execution_start = False
         size, cpu_each, gpu_each = worker_resources(workers, wants_gpu(spec))
+        size = min(size, len(pending))
         spec.threads = max(1, int(cpu_each) or 1)
         log.info("ray: %d workers x %.2f CPU, %.2f GPU", size, cpu_each, gpu_each)
         ds = ray.data.from_items([{"unit": k} for k in pending], override_num_blocks=len(pending))
