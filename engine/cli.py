@@ -1,4 +1,4 @@
-"""The `engine` command line: synthesize | query | stats (see COMMANDS at the bottom).
+"""The `engine` command line: synthesize | query | stats | export | show (COMMANDS at the bottom).
 
 Only this package parses flags. Each command turns its flags into the config dataclass of the code it
 runs. A user error (bad flag value, missing file, malformed input) exits with code 2 and one line that
@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.query import FORMATS, format_rows, run_query, stats
+from engine.query import FORMATS, connect, format_rows, run_query, stats
 from pipelines.captioners import CAPTIONERS, CaptionerConfig
 from pipelines.maskers import MASKERS, MaskerConfig
 from pipelines.quality import QualityConfig
@@ -167,10 +167,53 @@ def stats_command(
         out_console.print(_table(columns, rows, title))
 
 
+def export(
+    out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
+    dest: Annotated[Path, typer.Option("--to", help="COCO JSON file to write.")],
+    where: Annotated[str, typer.Option(help="SQL condition on objects selecting what to "
+                                       "export ('true' for everything with a mask).")] = "keep",
+) -> None:
+    """Export objects as COCO-format JSON (RLE segmentation; provenance and captions as extra keys)."""
+    from pipelines.export import export_coco
+
+    counts = export_coco(connect(out), dest, where)
+    console.print(f"wrote {dest}: {counts['images']} images, {counts['annotations']} annotations, "
+                  f"{counts['categories']} categories")
+
+
+def show(
+    out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
+    dest: Annotated[Path, typer.Option("--to", help="PNG file to write.")] = Path("show.png"),
+    image_id: Annotated[str | None, typer.Option(help="Image to draw (default: the first one "
+                                                 "with objects).")] = None,
+) -> None:
+    """Draw one image with its masks, boxes and first captions into a PNG."""
+    from pipelines.render import render
+    from pipelines.shards import Manifest
+
+    manifest = Manifest.load(out)
+    if manifest is None:
+        raise FileNotFoundError(f"{out}: no manifest.json (is it an output folder?)")
+    con = connect(out)
+    if image_id is None:
+        first = con.execute("SELECT min(image_id) FROM images WHERE status = 'ok' AND num_objects > 0")
+        image_id = first.fetchone()[0]
+    row = con.execute("SELECT file_path FROM images WHERE image_id = ?", [image_id]).fetchone()
+    if row is None:
+        raise ValueError(f"no image {image_id!r} in {out}")
+    cursor = con.execute("SELECT * FROM objects WHERE image_id = ? ORDER BY object_id", [image_id])
+    columns = [d[0] for d in cursor.description]
+    objects = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
+    render(Path(manifest.data["source"]["root"]), row[0], objects, dest)
+    console.print(f"wrote {dest}: {image_id} with {len(objects)} objects")
+
+
 COMMANDS = {
     "synthesize": synthesize,
     "query": query,
     "stats": stats_command,
+    "export": export,
+    "show": show,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

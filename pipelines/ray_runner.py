@@ -27,7 +27,6 @@ def init_ray(address: str | None) -> bool:
     # Ray's own INFO/WARNING lines (execution plans, deprecation notes) drown the engine's progress.
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     if address is None:
         # A private local cluster: no token auth prompt, no dashboard, no log spam on the terminal.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -57,6 +56,17 @@ def wants_gpu(spec: WorkerSpec) -> bool:
     )
 
 
+def bound_worker(spec: WorkerSpec) -> type:
+    """UnitWorker with `spec` bound in the class itself: Ray ships the class with the actor
+    definition, so an actor restart never depends on constructor arguments in the object store."""
+
+    class BoundUnitWorker(UnitWorker):
+        def __init__(self) -> None:
+            super().__init__(spec)
+
+    return BoundUnitWorker
+
+
 def run_ray(spec: WorkerSpec, pending: list[int], workers: int,
             address: str | None) -> Iterator[tuple]:
     import ray
@@ -73,8 +83,7 @@ def run_ray(spec: WorkerSpec, pending: list[int], workers: int,
         log.info("ray: %d workers x %.2f CPU, %.2f GPU", size, cpu_each, gpu_each)
         ds = ray.data.from_items([{"unit": k} for k in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
-            UnitWorker,
-            fn_constructor_args=(spec,),
+            bound_worker(spec),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=cpu_each,

@@ -98,3 +98,34 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys):
 def test_bad_sql_is_a_user_error(demo_run, capsys):
     assert main(["query", str(demo_run), "SELECT nope FROM objects"]) == 2
     assert "query failed" in capsys.readouterr().err
+
+
+def test_export_coco_is_read_by_pycocotools(demo_run, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dest = tmp_path / "coco.json"
+    assert main(["export", str(demo_run), "--to", str(dest)]) == 0
+    gt = COCO(str(dest))
+    kept = duckdb.connect().execute(
+        f"SELECT object_id, mask FROM read_parquet('{demo_run}/objects/*.parquet') WHERE keep "
+        "ORDER BY image_id, object_id").fetchall()
+    assert len(gt.getAnnIds()) == len(kept)
+    by_object = {a["mq_object_id"]: a for a in gt.loadAnns(gt.getAnnIds())}
+    for object_id, mask in kept[:10]:
+        rle = {"size": [mask["height"], mask["width"]], "counts": mask["counts"].encode()}
+        np.testing.assert_array_equal(gt.annToMask(by_object[object_id]), mask_utils.decode(rle))
+    # The export evaluated against itself is a perfect score: ids, boxes and masks are consistent.
+    anns = [{**a, "score": 1.0} for a in gt.loadAnns(gt.getAnnIds())]
+    ev = COCOeval(gt, gt.loadRes(anns), "segm")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_show_draws_a_png(demo_run, tmp_path):
+    import cv2
+
+    dest = tmp_path / "show.png"
+    assert main(["show", str(demo_run), "--to", str(dest)]) == 0
+    img = cv2.imread(str(dest))
+    assert img is not None and img.shape[2] == 3
