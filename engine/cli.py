@@ -1,8 +1,8 @@
 """The `engine` command line: synthesize | query | stats | export | show (COMMANDS at the bottom).
 
-Only this package parses flags. Each command turns its flags into the config dataclass of the code it
-runs. A user error (bad flag value, missing file, malformed input) exits with code 2 and one line that
-says what is wrong; anything else is a bug and keeps its traceback.
+Only this package parses flags. Each command turns its flags into the config dataclass of the code
+it runs. A user error (bad flag value, missing file, malformed input) exits with code 2 and one line
+that says what is wrong; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,39 +45,67 @@ def synthesize(
     out: Annotated[Path, typer.Option(help="Output folder (created; a rerun resumes it).")] = Path(
         "runs/demo"
     ),
-    root: Annotated[Path | None, typer.Option(help="Dataset root: images (and, for objects365, "
-                                              "the annotation files) live under it.")] = None,
-    annotations: Annotated[Path | None, typer.Option(help="Annotation file (overrides the one "
-                                                     "found under --root).")] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset root: images (and, for objects365, the annotation files) live under it."
+        ),
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option(help="Annotation file (overrides the one found under --root).")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="Split name, e.g. train or val.")] = None,
     masker: Annotated[str, typer.Option(help=f"Box->mask method: {_choice(MASKERS)}.")] = "grabcut",
     captioner: Annotated[str, typer.Option(help=f"Captioner: {_choice(CAPTIONERS)}.")] = "template",
     unit_size: Annotated[int, typer.Option(help="Images per work unit (= per shard).")] = 64,
     workers: Annotated[int, typer.Option(help="Parallel workers; 0 = one per CPU or GPU.")] = 0,
     executor: Annotated[str, typer.Option(help="ray, or local (one process, no Ray).")] = "ray",
-    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of "
-                                                    "starting a local one.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster instead of starting a local one.")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
-    remask: Annotated[bool, typer.Option(help="Run the masker on objects that already have a "
-                                         "ground-truth mask too (kept in gt_mask).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an output folder written with a "
-                                            "different configuration.")] = False,
-    sam_checkpoint: Annotated[Path | None, typer.Option(help="segment-anything checkpoint.")] = None,
+    remask: Annotated[
+        bool,
+        typer.Option(
+            help="Run the masker on objects that already have a "
+            "ground-truth mask too (kept in gt_mask)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an output folder written with a different configuration.")
+    ] = False,
+    sam_checkpoint: Annotated[
+        Path | None, typer.Option(help="segment-anything checkpoint.")
+    ] = None,
     sam_model: Annotated[str, typer.Option(help="SAM variant: vit_b, vit_l, vit_h.")] = "vit_b",
     mask_model: Annotated[Path | None, typer.Option(help="transformers SAM/SAM2 folder.")] = None,
-    caption_model: Annotated[Path | None, typer.Option(help="transformers captioner folder.")] = None,
+    caption_model: Annotated[
+        Path | None, typer.Option(help="transformers captioner folder.")
+    ] = None,
     captions_per_object: Annotated[int, typer.Option(help="Captions kept per object.")] = 5,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (models only).")] = "auto",
-    min_box_iou: Annotated[float, typer.Option(help="Keep masks whose tight box has at least this "
-                                               "IoU with the prompt box.")] = 0.5,
-    min_box_fill: Annotated[float, typer.Option(help="... and cover at least this fraction of "
-                                                "the box.")] = 0.05,
-    max_components: Annotated[int, typer.Option(help="... and have at most this many connected "
-                                                "components (0 = any).")] = 0,
-    min_pred_iou: Annotated[float, typer.Option(help="... and a model-predicted IoU of at least "
-                                                "this (when the masker predicts one).")] = 0.88,
-    min_stability: Annotated[float, typer.Option(help="... and a stability score of at least "
-                                                 "this (when the masker gives one).")] = 0.95,
+    min_box_iou: Annotated[
+        float,
+        typer.Option(help="Keep masks whose tight box has at least this IoU with the prompt box."),
+    ] = 0.5,
+    min_box_fill: Annotated[
+        float, typer.Option(help="... and cover at least this fraction of the box.")
+    ] = 0.05,
+    max_components: Annotated[
+        int, typer.Option(help="... and have at most this many connected components (0 = any).")
+    ] = 0,
+    min_pred_iou: Annotated[
+        float,
+        typer.Option(
+            help="... and a model-predicted IoU of at least this (when the masker predicts one)."
+        ),
+    ] = 0.88,
+    min_stability: Annotated[
+        float,
+        typer.Option(
+            help="... and a stability score of at least this (when the masker gives one)."
+        ),
+    ] = 0.95,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
 ) -> None:
     """Synthesize masks and captions for every box of a detection dataset into Parquet shards."""
@@ -85,21 +113,43 @@ def synthesize(
     cfg = SynthesizeConfig(
         source=SourceConfig(source, root, annotations, split),
         out=out,
-        masker=MaskerConfig(name=masker, sam_checkpoint=sam_checkpoint, sam_model=sam_model,
-                            mask_model=mask_model, device=device),
-        captioner=CaptionerConfig(name=captioner, caption_model=caption_model,
-                                  captions_per_object=captions_per_object, device=device),
-        quality=QualityConfig(min_box_iou, min_box_fill, max_components, min_pred_iou, min_stability),
-        unit_size=unit_size, limit=limit, remask=remask, executor=executor, workers=workers,
-        ray_address=ray_address, overwrite=overwrite,
+        masker=MaskerConfig(
+            name=masker,
+            sam_checkpoint=sam_checkpoint,
+            sam_model=sam_model,
+            mask_model=mask_model,
+            device=device,
+        ),
+        captioner=CaptionerConfig(
+            name=captioner,
+            caption_model=caption_model,
+            captions_per_object=captions_per_object,
+            device=device,
+        ),
+        quality=QualityConfig(
+            min_box_iou, min_box_fill, max_components, min_pred_iou, min_stability
+        ),
+        unit_size=unit_size,
+        limit=limit,
+        remask=remask,
+        executor=executor,
+        workers=workers,
+        ray_address=ray_address,
+        overwrite=overwrite,
     )
     summary = _run_with_progress(cfg)
     _print_summary(summary)
 
 
 def _run_with_progress(cfg: SynthesizeConfig):
-    columns = (TextColumn("[bold]synthesize"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("units"), TimeElapsedColumn(), TextColumn("{task.fields[rate]}"))
+    columns = (
+        TextColumn("[bold]synthesize"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
     start, seen = time.monotonic(), {"images": 0, "objects": 0}
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("units", total=None, rate="planning...")
@@ -122,8 +172,12 @@ def _print_summary(summary) -> None:
     table = Table(title=f"{summary.out}  (run {summary.run_id})")
     for col in ("images", "images bad", "objects", "kept", "filtered", "rejected"):
         table.add_column(col, justify="right")
-    table.add_row(*(str(t.get(k, 0)) for k in ("images", "images_bad", "objects", "kept",
-                                               "filtered", "rejected")))
+    table.add_row(
+        *(
+            str(t.get(k, 0))
+            for k in ("images", "images_bad", "objects", "kept", "filtered", "rejected")
+        )
+    )
     console.print(table)
     console.print(
         f"units: {summary.units_written} written, {summary.units_skipped} already done "
@@ -170,22 +224,31 @@ def stats_command(
 def export(
     out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
     dest: Annotated[Path, typer.Option("--to", help="COCO JSON file to write.")],
-    where: Annotated[str, typer.Option(help="SQL condition on objects selecting what to "
-                                       "export ('true' for everything with a mask).")] = "keep",
+    where: Annotated[
+        str,
+        typer.Option(
+            help="SQL condition on objects selecting what to "
+            "export ('true' for everything with a mask)."
+        ),
+    ] = "keep",
 ) -> None:
-    """Export objects as COCO-format JSON (RLE segmentation; provenance and captions as extra keys)."""
+    """Export objects as COCO-format JSON (RLE segmentation; provenance and captions as extra
+    keys)."""
     from pipelines.export import export_coco
 
     counts = export_coco(connect(out), dest, where)
-    console.print(f"wrote {dest}: {counts['images']} images, {counts['annotations']} annotations, "
-                  f"{counts['categories']} categories")
+    console.print(
+        f"wrote {dest}: {counts['images']} images, {counts['annotations']} annotations, "
+        f"{counts['categories']} categories"
+    )
 
 
 def show(
     out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
     dest: Annotated[Path, typer.Option("--to", help="PNG file to write.")] = Path("show.png"),
-    image_id: Annotated[str | None, typer.Option(help="Image to draw (default: the first one "
-                                                 "with objects).")] = None,
+    image_id: Annotated[
+        str | None, typer.Option(help="Image to draw (default: the first one with objects).")
+    ] = None,
 ) -> None:
     """Draw one image with its masks, boxes and first captions into a PNG."""
     from pipelines.render import render
@@ -196,7 +259,9 @@ def show(
         raise FileNotFoundError(f"{out}: no manifest.json (is it an output folder?)")
     con = connect(out)
     if image_id is None:
-        first = con.execute("SELECT min(image_id) FROM images WHERE status = 'ok' AND num_objects > 0")
+        first = con.execute(
+            "SELECT min(image_id) FROM images WHERE status = 'ok' AND num_objects > 0"
+        )
         image_id = first.fetchone()[0]
     row = con.execute("SELECT file_path FROM images WHERE image_id = ?", [image_id]).fetchone()
     if row is None:

@@ -1,4 +1,5 @@
-"""SQL over an output folder with DuckDB: views `images`, `objects`, `captions`, and the stats report."""
+"""SQL over an output folder with DuckDB: views `images`, `objects`, `captions`, and the stats
+report."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def connect(out: Path) -> duckdb.DuckDBPyConnection:
     out = Path(out)
     for table in ("images", "objects"):
         if not any((out / table).glob("part-*.parquet")):
-            raise FileNotFoundError(f"{out / table}: no part-*.parquet files (is {out} an output folder?)")
+            raise FileNotFoundError(
+                f"{out / table}: no part-*.parquet files (is {out} an output folder?)"
+            )
     con = duckdb.connect()
     for table in ("images", "objects"):
         pattern = str(out / table / "part-*.parquet").replace("'", "''")

@@ -1,7 +1,7 @@
 """Reading one image safely: path containment, decoding, content hash, size check.
 
-Every failure is returned as a (status, error) pair instead of raised, so that one bad file becomes one
-rejected image (and its objects rejected rows) rather than a crashed run.
+Every failure is returned as a (status, error) pair instead of raised, so that one bad file becomes
+one rejected image (and its objects rejected rows) rather than a crashed run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class LoadedImage:
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:
-    """root / relative, or None when the result would escape root (`../`, absolute paths, symlinks)."""
+    """root / relative, or None when the result would escape root (`../`, absolute paths,
+    symlinks)."""
     if not relative or Path(relative).is_absolute():
         return None
     root_resolved = root.resolve()
@@ -39,12 +40,14 @@ def resolve_inside(root: Path, relative: str) -> Path | None:
 def load_image(root: Path, relative: str, width: int | None, height: int | None) -> LoadedImage:
     """Read `relative` under `root` as RGB without applying EXIF rotation.
 
-    Annotation boxes refer to the stored pixel grid (as COCO's do), so EXIF orientation is ignored on
-    purpose; a stated width/height that disagrees with the pixels is a size_mismatch rejection.
+    Annotation boxes refer to the stored pixel grid (as COCO's do), so EXIF orientation is ignored
+    on purpose; a stated width/height that disagrees with the pixels is a size_mismatch rejection.
     """
     path = resolve_inside(root, relative)
     if path is None:
-        return LoadedImage(None, None, "unsafe_path", f"path {relative!r} escapes the source root {root}")
+        return LoadedImage(
+            None, None, "unsafe_path", f"path {relative!r} escapes the source root {root}"
+        )
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -56,13 +59,17 @@ def load_image(root: Path, relative: str, width: int | None, height: int | None)
         with Image.open(io.BytesIO(data)) as img:
             pixels = np.asarray(img.convert("RGB"))
     except UnidentifiedImageError:
-        return LoadedImage(None, digest, "corrupt", f"cannot decode {path}: not a known image format")
+        return LoadedImage(
+            None, digest, "corrupt", f"cannot decode {path}: not a known image format"
+        )
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return LoadedImage(None, digest, "corrupt", f"cannot decode {path}: {exc}")
     h, w = pixels.shape[:2]
     if (width is not None and width != w) or (height is not None and height != h):
         return LoadedImage(
-            None, digest, "size_mismatch",
+            None,
+            digest,
+            "size_mismatch",
             f"annotation says {width}x{height} but {path} is {w}x{h} (width x height)",
         )
     return LoadedImage(pixels, digest, "ok", None)

@@ -1,9 +1,9 @@
 """Planning: a source's records -> deterministic work units of N images, stored on disk.
 
-The plan is one Parquet file with one row group per unit (row = one image record as JSON), so unit k is
-read with `read_row_group(k)` and nothing else, and a worker anywhere in a cluster only needs the unit
-number. Writing it streams the source once with bounded memory. The file is written under a temporary
-name and renamed, so a plan on disk is always complete.
+The plan is one Parquet file with one row group per unit (row = one image record as JSON), so unit k
+is read with `read_row_group(k)` and nothing else, and a worker anywhere in a cluster only needs the
+unit number. Writing it streams the source once with bounded memory. The file is written under a
+temporary name and renamed, so a plan on disk is always complete.
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ def _batches(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRe
         yield batch
 
 
-def write_plan(records: Iterable[ImageRecord], path: Path, unit_size: int, fingerprint: str,
-               limit: int | None = None) -> Plan:
+def write_plan(
+    records: Iterable[ImageRecord],
+    path: Path,
+    unit_size: int,
+    fingerprint: str,
+    limit: int | None = None,
+) -> Plan:
     """Stream `records` (at most `limit`) into units of `unit_size` images at `path`."""
     if unit_size < 1:
         raise ValueError(f"--unit-size must be >= 1, got {unit_size}")

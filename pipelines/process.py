@@ -1,8 +1,9 @@
 """One work unit of images -> rows of the `images` and `objects` tables. Pure: no Ray, no writing.
 
-Order of work per image: check the record -> load pixels -> check and clip boxes -> mask (one masker call
-for all of the image's boxes) -> measure and filter -> caption. Every input object ends as exactly one
-row: `kept`, `filtered` (failed a quality threshold) or `rejected` (bad input or a failed model call).
+Order of work per image: check the record -> load pixels -> check and clip boxes -> mask (one masker
+call for all of the image's boxes) -> measure and filter -> caption. Every input object ends as
+exactly one row: `kept`, `filtered` (failed a quality threshold) or `rejected` (bad input or a
+failed model call).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class UnitContext:
 
 def image_key(ctx: UnitContext, record: ImageRecord) -> str:
     key = f"{ctx.source}:{ctx.split}:{record.image_id}"
-    if record.error_status == "duplicate":  # keep ids unique: the first occurrence owns the plain key
+    # Keep ids unique: the first occurrence owns the plain key.
+    if record.error_status == "duplicate":
         key += f"#duplicate-{record.index}"
     return key
 
@@ -60,7 +62,10 @@ def clip_box(box_raw: list, width: int, height: int) -> tuple[list[float] | None
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
     if x1 - x0 < 1.0 or y1 - y0 < 1.0:
-        return None, f"box {box_raw!r} lies outside the {width}x{height} image (under 1 px after clipping)"
+        return (
+            None,
+            f"box {box_raw!r} lies outside the {width}x{height} image (under 1 px after clipping)",
+        )
     return [x0, y0, x1 - x0, y1 - y0], None
 
 
@@ -93,8 +98,15 @@ def reject(row: dict, reason: str) -> dict:
     return {**row, "status": REJECTED, "keep": False, "reject_reason": reason}
 
 
-def image_row(ctx: UnitContext, record: ImageRecord, image_id: str, status: str,
-              error: str | None, sha256: str | None, size: tuple[int, int] | None) -> dict:
+def image_row(
+    ctx: UnitContext,
+    record: ImageRecord,
+    image_id: str,
+    status: str,
+    error: str | None,
+    sha256: str | None,
+    size: tuple[int, int] | None,
+) -> dict:
     width, height = size if size else (record.width, record.height)
     return {
         "image_id": image_id,
@@ -136,7 +148,9 @@ def process_image(
     return img, rows
 
 
-def check_objects(objects: list[SourceObject], rows: list[dict], width: int, height: int) -> list[int]:
+def check_objects(
+    objects: list[SourceObject], rows: list[dict], width: int, height: int
+) -> list[int]:
     """Fill `box` or reject each row in place; return the indices of usable objects."""
     usable, seen = [], set()
     for i, (obj, row) in enumerate(zip(objects, rows, strict=True)):
@@ -146,11 +160,15 @@ def check_objects(objects: list[SourceObject], rows: list[dict], width: int, hei
             problem = "missing category"
         if problem is None and row["object_id"] in seen:
             problem = f"duplicate annotation id {obj.ann_id}"
-        if problem is None and obj.gt_mask is not None and (
-            obj.gt_mask["height"] != height or obj.gt_mask["width"] != width
+        if (
+            problem is None
+            and obj.gt_mask is not None
+            and (obj.gt_mask["height"] != height or obj.gt_mask["width"] != width)
         ):
-            problem = (f"gt mask is {obj.gt_mask['width']}x{obj.gt_mask['height']}, "
-                       f"image is {width}x{height}")
+            problem = (
+                f"gt mask is {obj.gt_mask['width']}x{obj.gt_mask['height']}, "
+                f"image is {width}x{height}"
+            )
         seen.add(row["object_id"])
         if problem:
             rows[i] = reject(row, problem)
@@ -161,8 +179,12 @@ def check_objects(objects: list[SourceObject], rows: list[dict], width: int, hei
 
 
 def annotate_objects(
-    ctx: UnitContext, pixels: np.ndarray, objects: list[SourceObject], rows: list[dict],
-    masker: Masker, captioner: Captioner,
+    ctx: UnitContext,
+    pixels: np.ndarray,
+    objects: list[SourceObject],
+    rows: list[dict],
+    masker: Masker,
+    captioner: Captioner,
 ) -> list[dict]:
     height, width = pixels.shape[:2]
     usable = check_objects(objects, rows, width, height)
@@ -183,8 +205,15 @@ def annotate_objects(
     encoded = rle.encode(masks)
     synthesized = set(to_mask)
     for j, i in enumerate(usable):
-        fill_mask_columns(rows[i], masks[j], encoded[j], float(pred_iou[j]), float(stability[j]),
-                          masker.origin if j in synthesized else GT, ctx.quality)
+        fill_mask_columns(
+            rows[i],
+            masks[j],
+            encoded[j],
+            float(pred_iou[j]),
+            float(stability[j]),
+            masker.origin if j in synthesized else GT,
+            ctx.quality,
+        )
     boxes = np.array([_xyxy(rows[i]["box"]) for i in usable], dtype=np.float64)
     captions = captioner(pixels, boxes, masks, [objects[i].category for i in usable])
     for i, caps in zip(usable, captions, strict=True):
@@ -192,16 +221,30 @@ def annotate_objects(
     return rows
 
 
-def fill_mask_columns(row: dict, mask: np.ndarray, encoded: dict, pred_iou: float, stability: float,
-                      origin: str, quality_cfg: QualityConfig) -> None:
+def fill_mask_columns(
+    row: dict,
+    mask: np.ndarray,
+    encoded: dict,
+    pred_iou: float,
+    stability: float,
+    origin: str,
+    quality_cfg: QualityConfig,
+) -> None:
     q = measure(mask, row["box"])
     reason = decide(q, pred_iou, stability, quality_cfg) if origin != GT else None
     row.update(
-        mask=encoded, mask_origin=origin, mask_area=q.area, mask_box=q.mask_box,
+        mask=encoded,
+        mask_origin=origin,
+        mask_area=q.area,
+        mask_box=q.mask_box,
         pred_iou=None if math.isnan(pred_iou) else pred_iou,
         stability=None if math.isnan(stability) else stability,
-        box_iou=q.box_iou, box_fill=q.box_fill, n_components=q.n_components,
-        status=FILTERED if reason else KEPT, keep=reason is None, reject_reason=reason,
+        box_iou=q.box_iou,
+        box_fill=q.box_fill,
+        n_components=q.n_components,
+        status=FILTERED if reason else KEPT,
+        keep=reason is None,
+        reject_reason=reason,
     )
 
 
@@ -216,8 +259,8 @@ def _caption_dict(c: Caption | dict) -> dict:
 def process_unit(
     ctx: UnitContext, records: list[ImageRecord], masker: Masker, captioner: Captioner
 ) -> tuple[list[dict], list[dict]]:
-    """A unit's records -> (images rows, objects rows), both sorted by image_id (stable, so an image's
-    objects keep their source order)."""
+    """A unit's records -> (images rows, objects rows), both sorted by image_id (stable, so an
+    image's objects keep their source order)."""
     images, objects = [], []
     for record in records:
         img, rows = process_image(ctx, record, masker, captioner)

@@ -1,7 +1,7 @@
 """Quality of a synthesized mask against its prompt box, and the keep/filter decision.
 
-The scores are stored on every object (so thresholds can be re-tuned in SQL later); `decide` applies the
-configured thresholds and names every one that failed.
+The scores are stored on every object (so thresholds can be re-tuned in SQL later); `decide` applies
+the configured thresholds and names every one that failed.
 """
 
 from __future__ import annotations
@@ -64,7 +64,12 @@ def tight_box(mask: np.ndarray) -> list[float]:
     if rows.size == 0:
         return [0.0, 0.0, 0.0, 0.0]
     cols = np.flatnonzero(mask.any(axis=0))
-    return [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
+    return [
+        float(cols[0]),
+        float(rows[0]),
+        float(cols[-1] - cols[0] + 1),
+        float(rows[-1] - rows[0] + 1),
+    ]
 
 
 def measure(mask: np.ndarray, box_xywh: list[float]) -> MaskQuality:
@@ -85,9 +90,7 @@ def measure(mask: np.ndarray, box_xywh: list[float]) -> MaskQuality:
     )
 
 
-def decide(
-    q: MaskQuality, pred_iou: float, stability: float, cfg: QualityConfig
-) -> str | None:
+def decide(q: MaskQuality, pred_iou: float, stability: float, cfg: QualityConfig) -> str | None:
     """None if the mask passes every threshold, else the reasons it failed, joined by '; '."""
     reasons = []
     if q.area == 0:

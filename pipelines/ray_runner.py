@@ -1,10 +1,10 @@
 """Ray executor: unit numbers -> Ray Data -> an actor pool of UnitWorkers -> results to the driver.
 
-Locally, `ray.init` is sized to the machine with no dashboard; `ray_address` joins an existing cluster
-(whose nodes must have this package installed, e.g. the image in docker/). Sizing rule measured on a
-2-core box (ENV.md): an actor pool that takes every CPU starves Ray Data's own tasks and deadlocks, so
-workers share all CPUs but one. On a cluster with GPUs each worker gets its share of a GPU and models
-resolve `device=auto` to CUDA.
+Locally, `ray.init` is sized to the machine with no dashboard; `ray_address` joins an existing
+cluster (whose nodes must have this package installed, e.g. the image in docker/). Sizing rule
+measured on a 2-core box (ENV.md): an actor pool that takes every CPU starves Ray Data's own tasks
+and deadlocks, so workers share all CPUs but one. On a cluster with GPUs each worker gets its share
+of a GPU and models resolve `device=auto` to CUDA.
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ def worker_resources(workers: int, uses_gpu: bool) -> tuple[int, float, float]:
 
 
 def wants_gpu(spec: WorkerSpec) -> bool:
-    return spec.masker.device != "cpu" and spec.masker.name not in ("box", "grabcut") or (
-        spec.captioner.device != "cpu" and spec.captioner.name not in ("template", "none")
+    return (
+        spec.masker.device != "cpu"
+        and spec.masker.name not in ("box", "grabcut")
+        or (spec.captioner.device != "cpu" and spec.captioner.name not in ("template", "none"))
     )
 
 
@@ -67,8 +69,9 @@ def bound_worker(spec: WorkerSpec) -> type:
     return BoundUnitWorker
 
 
-def run_ray(spec: WorkerSpec, pending: list[int], workers: int,
-            address: str | None) -> Iterator[tuple]:
+def run_ray(
+    spec: WorkerSpec, pending: list[int], workers: int, address: str | None
+) -> Iterator[tuple]:
     import ray
     import ray.data
 

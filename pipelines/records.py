@@ -15,8 +15,9 @@ from typing import Any
 class SourceObject:
     """One annotation as the source gives it.
 
-    box_raw: [x, y, w, h] in absolute pixels exactly as the source states it (converted to xywh if the
-        source uses another convention), before any clipping; NaN allowed (it becomes a rejection).
+    box_raw: [x, y, w, h] in absolute pixels exactly as the source states it (converted to xywh
+        if the source uses another convention), before any clipping; NaN allowed (it becomes a
+        rejection).
     gt_mask: a mask value of the contract ({counts, height, width}) when the source carries a mask.
     captions: ground-truth texts for this object (e.g. referring expressions), provenance `gt`.
     error: why this object cannot be used (unknown category id, bad box...), or None.
@@ -39,8 +40,9 @@ class ImageRecord:
     """One image and its objects.
 
     image_id: the source's own image id as text (the engine prefixes source and split).
-    file: path relative to the source root, as the annotation names it (checked for `..` escapes later).
-    width, height: as the annotation states them (None if absent); checked against the pixels later.
+    file: path relative to the source root, as the annotation names it (checked for `..` escapes
+    later). width, height: as the annotation states them (None if absent); checked against the
+    pixels later.
     error: why the whole image cannot be used (duplicate id, known missing file...), or None.
     """
 

@@ -1,15 +1,16 @@
 """Shard files and the manifest: atomic writes, checksums, the resume marker.
 
 Layout of an output folder:
-    manifest.json                 schema version, source, resolved config, code version, per-unit rows and
-                                  checksums, totals; rewritten (atomically) after every finished unit
+    manifest.json                 schema version, source, resolved config, code version,
+                                  per-unit rows and checksums, totals; rewritten (atomically)
+                                  after every finished unit
     images/part-NNNNN.parquet     one row per image of unit N
     objects/part-NNNNN.parquet    one row per object of unit N, sorted by image_id
     _plan/plan.parquet            the work units (see pipelines/plan.py)
 
 A unit counts as done only when its entry is in the manifest and both files still match their
-checksums; anything else is (re)written. So a run killed at any point resumes with no duplicates and no
-holes: a half-written file only ever exists under a temporary name.
+checksums; anything else is (re)written. So a run killed at any point resumes with no duplicates
+and no holes: a half-written file only ever exists under a temporary name.
 """
 
 from __future__ import annotations
@@ -98,9 +99,8 @@ class Manifest:
         done = set()
         for key, entry in self.units.items():
             files = [self.out / entry[f"{t}_file"] for t in TABLE_NAMES]
-            if all(f.exists() for f in files) and all(
-                sha256_file(f) == entry[f"{t}_sha256"] for f, t in zip(files, TABLE_NAMES)
-            ):
+            sums = [entry[f"{t}_sha256"] for t in TABLE_NAMES]
+            if all(f.exists() and sha256_file(f) == s for f, s in zip(files, sums, strict=True)):
                 done.add(int(key))
         return done
 

@@ -1,8 +1,9 @@
 """The unit worker: loads the models once, then turns unit numbers into finished tables.
 
-`UnitWorker` is used as is by the local executor and as a Ray Data callable class (`__call__(batch) ->
-batch`) by the Ray executor; both call the same pure `process_unit`. Tables travel back to the driver as
-Arrow IPC bytes so the driver alone writes files and the manifest (one writer, no races).
+`UnitWorker` is used as is by the local executor and as a Ray Data callable class
+(`__call__(batch) -> batch`) by the Ray executor; both call the same pure `process_unit`. Tables
+travel back to the driver as Arrow IPC bytes so the driver alone writes files and the manifest (one
+writer, no races).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class UnitWorker:
     def __init__(self, spec: WorkerSpec):
         import cv2
 
-        # Each worker is one process on a shared machine: more threads per worker only oversubscribe.
+        # Each worker is one process on a shared machine: more threads per worker only
+        # oversubscribe.
         cv2.setNumThreads(spec.threads)
         self.spec = spec
         self.masker = build_masker(spec.masker)

@@ -1,8 +1,9 @@
 """The synthesis run: plan units -> workers (Ray or in-process) -> shards + manifest, resumable.
 
-The driver owns all writes. Workers return a unit's two tables; the driver writes both files atomically
-and only then records the unit in the manifest. A rerun with the same configuration skips every unit whose
-files are intact, so an interrupted run finishes with exactly the rows an uninterrupted run writes.
+The driver owns all writes. Workers return a unit's two tables; the driver writes both files
+atomically and only then records the unit in the manifest. A rerun with the same configuration skips
+every unit whose files are intact, so an interrupted run finishes with exactly the rows an
+uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -52,15 +53,21 @@ class SynthesizeConfig:
 
     def __post_init__(self) -> None:
         if self.source.name not in SOURCES:
-            raise ValueError(f"unknown source {self.source.name!r}; choose one of: {', '.join(SOURCES)}")
+            raise ValueError(
+                f"unknown source {self.source.name!r}; choose one of: {', '.join(SOURCES)}"
+            )
         if self.masker.name not in MASKERS:
-            raise ValueError(f"unknown masker {self.masker.name!r}; choose one of: {', '.join(MASKERS)}")
+            raise ValueError(
+                f"unknown masker {self.masker.name!r}; choose one of: {', '.join(MASKERS)}"
+            )
         if self.captioner.name not in CAPTIONERS:
             raise ValueError(
                 f"unknown captioner {self.captioner.name!r}; choose one of: {', '.join(CAPTIONERS)}"
             )
         if self.executor not in EXECUTORS:
-            raise ValueError(f"unknown executor {self.executor!r}; choose one of: {', '.join(EXECUTORS)}")
+            raise ValueError(
+                f"unknown executor {self.executor!r}; choose one of: {', '.join(EXECUTORS)}"
+            )
         if self.unit_size < 1:
             raise ValueError(f"--unit-size must be >= 1, got {self.unit_size}")
         if self.limit is not None and self.limit < 1:
@@ -93,8 +100,12 @@ def _jsonable(obj):
 def resolved_config(cfg: SynthesizeConfig, source) -> dict:
     """The part of the configuration that decides the output rows."""
     return {
-        "source": {"name": source.name, "split": source.split, "root": str(source.root),
-                   "annotation_file": str(source.annotation_file) if source.annotation_file else None},
+        "source": {
+            "name": source.name,
+            "split": source.split,
+            "root": str(source.root),
+            "annotation_file": str(source.annotation_file) if source.annotation_file else None,
+        },
         "masker": _jsonable(cfg.masker),
         "captioner": _jsonable(cfg.captioner),
         "quality": _jsonable(cfg.quality),
@@ -148,10 +159,18 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     plan = open_plan(plan_path, fp)
     if plan is None or manifest is None:
         plan = write_plan(source.records(), plan_path, cfg.unit_size, fp, cfg.limit)
-        header = {"fingerprint": fp, "run_id": fp[:12], "code_version": code_version(),
-                  "source": resolved["source"], "config": resolved,
-                  "plan": {"units": plan.num_units, "images": plan.num_images,
-                           "objects": plan.num_objects}}
+        header = {
+            "fingerprint": fp,
+            "run_id": fp[:12],
+            "code_version": code_version(),
+            "source": resolved["source"],
+            "config": resolved,
+            "plan": {
+                "units": plan.num_units,
+                "images": plan.num_images,
+                "objects": plan.num_objects,
+            },
+        }
         manifest = Manifest.create(cfg.out, header)
         manifest.save()
     _remove_partial_files(cfg.out)
@@ -159,8 +178,14 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     for key in [k for k in manifest.units if int(k) not in done]:
         log.warning("unit %s: files missing or changed since they were written; redoing it", key)
         del manifest.units[key]
-    ctx = UnitContext(source=source.name, split=source.split, root=Path(source.root),
-                      run_id=manifest.data["run_id"], quality=cfg.quality, remask=cfg.remask)
+    ctx = UnitContext(
+        source=source.name,
+        split=source.split,
+        root=Path(source.root),
+        run_id=manifest.data["run_id"],
+        quality=cfg.quality,
+        remask=cfg.remask,
+    )
     spec = WorkerSpec(plan_path=plan_path, context=ctx, masker=cfg.masker, captioner=cfg.captioner)
     pending = [k for k in range(manifest.data["plan"]["units"]) if k not in done]
     return manifest, spec, pending
@@ -176,8 +201,11 @@ def run_local(spec: WorkerSpec, pending: list[int]) -> Iterator[Result]:
         yield (unit, *worker.run(unit))
 
 
-def run(cfg: SynthesizeConfig, on_unit: Callable[[dict], None] | None = None,
-        on_start: Callable[[int, int], None] | None = None) -> RunSummary:
+def run(
+    cfg: SynthesizeConfig,
+    on_unit: Callable[[dict], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> RunSummary:
     """Run (or resume) a synthesis. `on_start(units_total, units_done)` is called once planning is
     done; `on_unit(entry)` after each unit is recorded in the manifest."""
     manifest, spec, pending = prepare(cfg)
@@ -199,6 +227,12 @@ def run(cfg: SynthesizeConfig, on_unit: Callable[[dict], None] | None = None,
                 on_unit(entry)
     manifest.data["totals"] = manifest.totals()
     manifest.save()
-    return RunSummary(cfg.out, manifest.data["run_id"], total, skipped, len(pending),
-                      manifest.data["totals"], manifest.data["plan"]["objects"])
-
+    return RunSummary(
+        cfg.out,
+        manifest.data["run_id"],
+        total,
+        skipped,
+        len(pending),
+        manifest.data["totals"],
+        manifest.data["plan"]["objects"],
+    )

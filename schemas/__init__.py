@@ -16,6 +16,16 @@ from schemas.annotations import (
 )
 
 __all__ = [
-    "FILTERED", "GT", "IMAGES_SCHEMA", "KEPT", "OBJECTS_SCHEMA", "REJECTED", "SCHEMA_VERSION",
-    "SchemaError", "empty_table", "table_from_rows", "validate", "with_version",
+    "FILTERED",
+    "GT",
+    "IMAGES_SCHEMA",
+    "KEPT",
+    "OBJECTS_SCHEMA",
+    "REJECTED",
+    "SCHEMA_VERSION",
+    "SchemaError",
+    "empty_table",
+    "table_from_rows",
+    "validate",
+    "with_version",
 ]

@@ -1,13 +1,13 @@
 """The annotation contract: Arrow schemas of the `images` and `objects` tables.
 
-Every stage imports its column names from here. `docs/schema.md` is the field table that explains each
-column (meaning, type, units); `tests/schemas/test_annotations.py` checks that the two agree.
+Every stage imports its column names from here. `docs/schema.md` is the field table that explains
+each column (meaning, type, units); `tests/schemas/test_annotations.py` checks that the two agree.
 
 Conventions (the short version; the field table has the rest):
-- Boxes are `[x, y, w, h]` in absolute pixels of the original image, origin top-left, clipped to the image.
-  `box_raw` keeps the source's box untouched, in the source's own convention converted to xywh.
-- Masks are COCO compressed RLE made by pycocotools (column-major), with the size stored explicitly as
-  `height`, `width`.
+- Boxes are `[x, y, w, h]` in absolute pixels of the original image, origin top-left, clipped to
+  the image. `box_raw` keeps the source's box untouched, in the source's own convention converted to xywh.
+- Masks are COCO compressed RLE made by pycocotools (column-major), with the size stored
+  explicitly as `height`, `width`.
 - `status` is one of `kept`, `filtered` (a quality threshold failed: `reject_reason` says which), or
   `rejected` (bad input: `reject_reason` says why). `keep` is `status == 'kept'`.
 - Provenance: `mask_origin` is `gt` for source masks, else the producing method and model
@@ -25,7 +25,15 @@ METADATA_KEY = b"mqengine.schema_version"
 KEPT, FILTERED, REJECTED = "kept", "filtered", "rejected"
 OBJECT_STATUSES = (KEPT, FILTERED, REJECTED)
 IMAGE_OK = "ok"
-IMAGE_STATUSES = (IMAGE_OK, "missing", "corrupt", "unsafe_path", "duplicate", "size_mismatch", "invalid")
+IMAGE_STATUSES = (
+    IMAGE_OK,
+    "missing",
+    "corrupt",
+    "unsafe_path",
+    "duplicate",
+    "size_mismatch",
+    "invalid",
+)
 GT = "gt"
 
 MASK_TYPE = pa.struct(

@@ -1,7 +1,9 @@
-"""Mask encoding of the contract: COCO compressed RLE through pycocotools, never a hand-written codec.
+"""Mask encoding of the contract: COCO compressed RLE through pycocotools, never a hand-written
+codec.
 
-A mask value in the tables is `{"counts": str, "height": int, "width": int}`; `counts` is pycocotools'
-compressed RLE string (ASCII 48..111, column-major), so it round-trips with `pycocotools.mask` as is.
+A mask value in the tables is `{"counts": str, "height": int, "width": int}`; `counts` is
+pycocotools' compressed RLE string (ASCII 48..111, column-major), so it round-trips with
+`pycocotools.mask` as is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ def encode(masks: np.ndarray) -> list[dict]:
     n, h, w = masks.shape
     if n == 0:
         return []
-    # pycocotools wants H x W x N in Fortran order; this transpose of a C-ordered (N,H,W) is exactly that.
+    # pycocotools wants H x W x N in Fortran order; this transpose of a C-ordered (N,H,W) is
+    # exactly that.
     fortran = np.asfortranarray(masks.astype(np.uint8, copy=False).transpose(1, 2, 0))
     rles = mask_utils.encode(fortran)
     return [{"counts": r["counts"].decode("ascii"), "height": h, "width": w} for r in rles]

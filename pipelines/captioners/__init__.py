@@ -1,11 +1,12 @@
-"""Object -> captions. Each captioner is built once (models load in the builder) and called per image.
+"""Object -> captions. Each captioner is built once (models load in the builder) and called per
+image.
 
 Contract of a captioner call:
     captioner(image, boxes, masks, categories) -> list[list[Caption]]
     image: (H, W, 3) uint8 RGB.
-    boxes: (N, 4) float64 XYXY absolute pixels (clipped); masks: (N, H, W) bool; categories: N texts.
-    Returns N lists of captions, deduplicated, best first. Each Caption carries its provenance
-    (e.g. "template", "hf:blip-base") and a score (None when the method has none).
+    boxes: (N, 4) float64 XYXY absolute pixels (clipped); masks: (N, H, W) bool; categories: N
+    texts. Returns N lists of captions, deduplicated, best first. Each Caption carries its
+    provenance (e.g. "template", "hf:blip-base") and a score (None when the method has none).
 """
 
 from __future__ import annotations

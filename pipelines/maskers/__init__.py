@@ -1,15 +1,17 @@
-"""Box -> mask. Each masker is a callable built once (models load in the builder) and called per image.
+"""Box -> mask. Each masker is a callable built once (models load in the builder) and called per
+image.
 
 Contract of a masker call:
     masker(image, boxes) -> MaskOutput
     image: (H, W, 3) uint8 RGB.
-    boxes: (N, 4) float64 XYXY in absolute pixels of `image`, already clipped to it, each with w, h > 0.
+    boxes: (N, 4) float64 XYXY in absolute pixels of `image`, already clipped to it, each with w,
+    h > 0.
     MaskOutput.masks: (N, H, W) bool, one mask per box, full image resolution.
     MaskOutput.pred_iou / .stability: (N,) float32, NaN where the method has no such score.
 `masker.origin` is the provenance written to `mask_origin` (e.g. "grabcut", "sam:vit_h").
 
-`MASKERS` maps each `--masker` name to a builder taking a MaskerConfig. Builders import lazily so that a
-weights-free run never imports torch.
+`MASKERS` maps each `--masker` name to a builder taking a MaskerConfig. Builders import lazily so
+that a weights-free run never imports torch.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class MaskerConfig:
     mask_model: Path | None = None
     device: str = "auto"
     grabcut_iterations: int = 3
-    dtype: str = "auto"  # compute dtype of model maskers: auto (bf16 on GPU, fp32 on CPU)|fp32|bf16|fp16
+    # compute dtype of model maskers: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    dtype: str = "auto"
     multimask: bool = True  # SAM family: keep the best of 3 candidates by predicted IoU
     min_region_area: int = 0  # SAM family: fill holes / drop islands below this many pixels
     box_chunk: int = 64  # SAM family: most boxes decoded together per image
@@ -69,8 +72,13 @@ def _grabcut(cfg: MaskerConfig) -> Masker:
 
 
 def _model_options(cfg: MaskerConfig) -> dict:
-    return dict(device=cfg.device, dtype=cfg.dtype, multimask=cfg.multimask,
-                min_region_area=cfg.min_region_area, box_chunk=cfg.box_chunk)
+    return dict(
+        device=cfg.device,
+        dtype=cfg.dtype,
+        multimask=cfg.multimask,
+        min_region_area=cfg.min_region_area,
+        box_chunk=cfg.box_chunk,
+    )
 
 
 def _sam(cfg: MaskerConfig) -> Masker:

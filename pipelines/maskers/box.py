@@ -10,8 +10,8 @@ from pipelines.maskers import MaskOutput
 def box_masks(height: int, width: int, boxes: np.ndarray) -> np.ndarray:
     """(N, 4) XYXY boxes -> (N, H, W) bool masks covering each box's pixels.
 
-    A pixel (col c, row r) is inside when its centre (c + 0.5, r + 0.5) lies in the box, so a box with
-    integer corners fills exactly w x h pixels.
+    A pixel (col c, row r) is inside when its centre (c + 0.5, r + 0.5) lies in the box, so a box
+    with integer corners fills exactly w x h pixels.
     """
     masks = np.zeros((len(boxes), height, width), dtype=bool)
     for mask, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):

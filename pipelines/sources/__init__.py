@@ -5,8 +5,8 @@ Contract of a source:
     Source.name: the source's name ("coco", "objects365", ...), Source.split: the split name,
     Source.root: the folder that image `file` paths are relative to,
     Source.annotation_file: the annotation file read (None for sources without one),
-    Source.records(): yields ImageRecords in a deterministic order (the same order on every call), with
-        bounded memory: a source must not hold a whole large annotation file in memory.
+    Source.records(): yields ImageRecords in a deterministic order (the same order on every
+        call), with bounded memory: a source must not hold a whole large annotation file in memory.
 A malformed annotation file raises ValueError naming the file, the position and the reason.
 """
 

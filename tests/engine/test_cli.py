@@ -1,4 +1,5 @@
-"""End to end through the CLI on the bundled demo data, read back by DuckDB, `datasets` and pycocotools."""
+"""End to end through the CLI on the bundled demo data, read back by DuckDB, `datasets` and
+pycocotools."""
 
 import json
 
@@ -13,8 +14,19 @@ from engine.cli import main
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    code = main(["synthesize", "--source", "demo", "--out", str(out), "--unit-size", "8",
-                 "--executor", "local"])
+    code = main(
+        [
+            "synthesize",
+            "--source",
+            "demo",
+            "--out",
+            str(out),
+            "--unit-size",
+            "8",
+            "--executor",
+            "local",
+        ]
+    )
     assert code == 0
     return out
 
@@ -27,9 +39,14 @@ def test_manifest_counts_match_the_shards(demo_run):
     objects = f"read_parquet('{demo_run}/objects/part-*.parquet')"
     n, kept, filtered, rejected = con.execute(
         f"SELECT count(*), count(*) FILTER (keep), count(*) FILTER (status = 'filtered'), "
-        f"count(*) FILTER (status = 'rejected') FROM {objects}").fetchone()
+        f"count(*) FILTER (status = 'rejected') FROM {objects}"
+    ).fetchone()
     assert (n, kept, filtered, rejected) == (
-        totals["objects"], totals["kept"], totals["filtered"], totals["rejected"])
+        totals["objects"],
+        totals["kept"],
+        totals["filtered"],
+        totals["rejected"],
+    )
     assert n == manifest["plan"]["objects"] == kept + filtered + rejected
     assert kept > 0.8 * n
     origins = {r[0] for r in con.execute(f"SELECT DISTINCT mask_origin FROM {objects}").fetchall()}
@@ -39,8 +56,12 @@ def test_manifest_counts_match_the_shards(demo_run):
 def test_datasets_reads_the_shards(demo_run):
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(demo_run / "objects" / "*.parquet"),
-                               split="train", cache_dir=str(demo_run.parent / "hf_cache"))
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=str(demo_run / "objects" / "*.parquet"),
+        split="train",
+        cache_dir=str(demo_run.parent / "hf_cache"),
+    )
     manifest = json.loads((demo_run / "manifest.json").read_text())
     assert ds.num_rows == manifest["totals"]["objects"]
     row = ds[0]
@@ -70,12 +91,19 @@ def test_query_formats_and_stats(demo_run, capsys):
     result = json.loads(capsys.readouterr().out)
     expected = duckdb.sql(
         f"SELECT category, count(*) AS n FROM read_parquet('{demo_run}/objects/*.parquet') "
-        "GROUP BY ALL ORDER BY n DESC, category").fetchall()
+        "GROUP BY ALL ORDER BY n DESC, category"
+    ).fetchall()
     assert [(r["category"], r["n"]) for r in result] == expected
-    assert main(["query", str(demo_run), "SELECT count(*) AS n FROM captions", "--format", "csv"]) == 0
+    assert (
+        main(["query", str(demo_run), "SELECT count(*) AS n FROM captions", "--format", "csv"]) == 0
+    )
     n_captions = int(capsys.readouterr().out.splitlines()[1])
-    assert n_captions == duckdb.connect().execute(
-        f"SELECT sum(len(captions)) FROM read_parquet('{demo_run}/objects/*.parquet')").fetchone()[0]
+    assert (
+        n_captions
+        == duckdb.connect()
+        .execute(f"SELECT sum(len(captions)) FROM read_parquet('{demo_run}/objects/*.parquet')")
+        .fetchone()[0]
+    )
     assert main(["stats", str(demo_run)]) == 0
     assert "reject and filter reasons" in capsys.readouterr().out
 
@@ -107,9 +135,14 @@ def test_export_coco_is_read_by_pycocotools(demo_run, tmp_path):
     dest = tmp_path / "coco.json"
     assert main(["export", str(demo_run), "--to", str(dest)]) == 0
     gt = COCO(str(dest))
-    kept = duckdb.connect().execute(
-        f"SELECT object_id, mask FROM read_parquet('{demo_run}/objects/*.parquet') WHERE keep "
-        "ORDER BY image_id, object_id").fetchall()
+    kept = (
+        duckdb.connect()
+        .execute(
+            f"SELECT object_id, mask FROM read_parquet('{demo_run}/objects/*.parquet') WHERE keep "
+            "ORDER BY image_id, object_id"
+        )
+        .fetchall()
+    )
     assert len(gt.getAnnIds()) == len(kept)
     by_object = {a["mq_object_id"]: a for a in gt.loadAnns(gt.getAnnIds())}
     for object_id, mask in kept[:10]:

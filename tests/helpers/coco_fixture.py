@@ -12,8 +12,14 @@ import numpy as np
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 
 
-def write_coco(root: Path, n_images: int = 6, objects_per_image: int = 3, seed: int = 0,
-               size: tuple[int, int] = (96, 128), bad: bool = False) -> Path:
+def write_coco(
+    root: Path,
+    n_images: int = 6,
+    objects_per_image: int = 3,
+    seed: int = 0,
+    size: tuple[int, int] = (96, 128),
+    bad: bool = False,
+) -> Path:
     """Write images under root/images and root/annotations.json; return the annotation path.
 
     With bad=True it adds one of each: a missing image, a corrupt image, a path escaping the root,
@@ -30,9 +36,17 @@ def write_coco(root: Path, n_images: int = 6, objects_per_image: int = 3, seed: 
             cat = cats[(i + j) % len(cats)]
             bw, bh = int(rng.integers(14, 30)), int(rng.integers(14, 30))
             x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-            img[y:y + bh, x:x + bw] = COLOURS[cat["name"]]
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat["id"],
-                         "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+            img[y : y + bh, x : x + bw] = COLOURS[cat["name"]]
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat["id"],
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
         name = f"images/img_{i:03d}.png"
         cv2.imwrite(str(root / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
@@ -48,11 +62,35 @@ def _add_bad_records(root: Path, images: list, anns: list, w: int, h: int) -> No
     extra = [("images/missing.png", 901), ("images/corrupt.png", 902), ("../escape.png", 903)]
     for name, image_id in extra:
         images.append({"id": image_id, "file_name": name, "width": w, "height": h})
-        anns.append({"id": 9000 + image_id, "image_id": image_id, "category_id": 1,
-                     "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0})
+        anns.append(
+            {
+                "id": 9000 + image_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "bbox": [1, 1, 10, 10],
+                "area": 100,
+                "iscrowd": 0,
+            }
+        )
     first = images[0]["id"]
     for k, bbox in enumerate([[None, 2, 5, 5], [3, 3, 0, 7], [w + 50, h + 50, 10, 10]]):
-        anns.append({"id": 8000 + k, "image_id": first, "category_id": 1, "bbox": bbox,
-                     "area": 1, "iscrowd": 0})
-    anns.append({"id": 8100, "image_id": first, "category_id": 77, "bbox": [2, 2, 9, 9],
-                 "area": 81, "iscrowd": 0})
+        anns.append(
+            {
+                "id": 8000 + k,
+                "image_id": first,
+                "category_id": 1,
+                "bbox": bbox,
+                "area": 1,
+                "iscrowd": 0,
+            }
+        )
+    anns.append(
+        {
+            "id": 8100,
+            "image_id": first,
+            "category_id": 77,
+            "bbox": [2, 2, 9, 9],
+            "area": 81,
+            "iscrowd": 0,
+        }
+    )

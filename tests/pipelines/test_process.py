@@ -12,8 +12,8 @@ from pipelines.process import UnitContext, clip_box, process_unit
 from pipelines.quality import QualityConfig, box_iou_xywh, decide, measure
 from pipelines.records import ImageRecord, SourceObject
 from pipelines.sources.coco import CocoSource
-from schemas import table_from_rows, validate
 from schemas import masks as rle
+from schemas import table_from_rows, validate
 from tests.helpers.coco_fixture import write_coco
 
 
@@ -36,8 +36,13 @@ def test_clip_box_keeps_inside_part(box, expected):
 
 @pytest.mark.parametrize(
     "box, reason",
-    [([1, 2, 3], "4 numbers"), ([0, 0, math.nan, 3], "non-finite"), ([0, 0, -1, 3], "non-positive"),
-     ([200, 0, 5, 5], "outside"), (["a", 0, 5, 5], "non-numeric")],
+    [
+        ([1, 2, 3], "4 numbers"),
+        ([0, 0, math.nan, 3], "non-finite"),
+        ([0, 0, -1, 3], "non-positive"),
+        ([200, 0, 5, 5], "outside"),
+        (["a", 0, 5, 5], "non-numeric"),
+    ],
 )
 def test_clip_box_rejects_with_reason(box, reason):
     clipped, problem = clip_box(box, 100, 60)
@@ -70,8 +75,10 @@ def test_decide_names_every_failed_threshold():
     reason = decide(q, 0.5, float("nan"), QualityConfig(max_components=1))
     assert "box_iou" in reason and "box_fill" in reason and "pred_iou 0.500 < 0.88" in reason
     assert "stability" not in reason  # no score, no verdict
-    assert decide(measure(mask, [0.0, 0.0, 2.0, 2.0]), float("nan"), float("nan"),
-                  QualityConfig()) is None
+    assert (
+        decide(measure(mask, [0.0, 0.0, 2.0, 2.0]), float("nan"), float("nan"), QualityConfig())
+        is None
+    )
 
 
 def ctx_for(root):
@@ -86,12 +93,20 @@ def test_unit_counts_add_up_and_bad_records_become_rejections(tmp_path):
     validate(table_from_rows("images", images), "images")
     n_input = sum(len(r.objects) for r in records)
     assert len(objects) == n_input == len({o["object_id"] for o in objects})
-    by_status = {s: [o for o in objects if o["status"] == s] for s in ("kept", "filtered", "rejected")}
+    by_status = {
+        s: [o for o in objects if o["status"] == s] for s in ("kept", "filtered", "rejected")
+    }
     assert len(by_status["kept"]) == 9
     reasons = sorted(o["reject_reason"] for o in by_status["rejected"])
     assert len(reasons) == 7
-    for needle in ("image missing", "image corrupt", "image unsafe_path", "unknown category id 77",
-                   "non-positive size", "outside the 128x96 image"):
+    for needle in (
+        "image missing",
+        "image corrupt",
+        "image unsafe_path",
+        "unknown category id 77",
+        "non-positive size",
+        "outside the 128x96 image",
+    ):
         assert any(needle in r for r in reasons), needle
     assert {i["status"] for i in images} == {"ok", "missing", "corrupt", "unsafe_path"}
     assert [o["image_id"] for o in objects] == sorted(o["image_id"] for o in objects)
@@ -142,8 +157,16 @@ def test_a_failing_model_rejects_that_image_only(tmp_path):
 
 def test_duplicate_image_ids_stay_unique(tmp_path):
     rec = ImageRecord("7", "a.png", 10, 10, [SourceObject("1", "cat", [0, 0, 2, 2])])
-    dup = ImageRecord("7", "a.png", 10, 10, [SourceObject("2", "cat", [0, 0, 2, 2])],
-                      error="duplicate image id", error_status="duplicate", index=1)
+    dup = ImageRecord(
+        "7",
+        "a.png",
+        10,
+        10,
+        [SourceObject("2", "cat", [0, 0, 2, 2])],
+        error="duplicate image id",
+        error_status="duplicate",
+        index=1,
+    )
     images, objects = process_unit(ctx_for(tmp_path), [rec, dup], BoxMasker(), no_captions)
     assert len({i["image_id"] for i in images}) == 2
     assert len({o["object_id"] for o in objects}) == 2

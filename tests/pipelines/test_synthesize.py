@@ -27,9 +27,14 @@ def dataset(tmp_path_factory):
 
 def config(dataset, out, **over):
     root, ann = dataset
-    kw = dict(source=SourceConfig("coco", root, ann, "val"), out=out,
-              masker=MaskerConfig(name="grabcut"), captioner=CaptionerConfig(name="none"),
-              unit_size=3, executor="local")
+    kw = dict(
+        source=SourceConfig("coco", root, ann, "val"),
+        out=out,
+        masker=MaskerConfig(name="grabcut"),
+        captioner=CaptionerConfig(name="none"),
+        unit_size=3,
+        executor="local",
+    )
     kw.update(over)
     return SynthesizeConfig(**kw)
 
@@ -55,7 +60,9 @@ def test_changed_configuration_is_refused_unless_overwrite(dataset, tmp_path):
     run(config(dataset, tmp_path / "out"))
     with pytest.raises(ValueError, match="different configuration"):
         run(config(dataset, tmp_path / "out", masker=MaskerConfig(name="box")))
-    summary = run(config(dataset, tmp_path / "out", masker=MaskerConfig(name="box"), overwrite=True))
+    summary = run(
+        config(dataset, tmp_path / "out", masker=MaskerConfig(name="box"), overwrite=True)
+    )
     assert summary.units_written == 5
     origins = {json.loads(r)["mask_origin"] for r in read_rows(tmp_path / "out", "objects")}
     assert origins == {"box", None}
@@ -77,13 +84,10 @@ def test_damaged_or_unrecorded_shards_are_redone(dataset, tmp_path):
 
 
 KILL_SCRIPT = """
-import sys, time
-from pipelines.maskers import MASKERS
-from pipelines.maskers.box import BoxMasker
+import sys, time from pipelines.maskers import MASKERS from pipelines.maskers.box import BoxMasker
 class Slow(BoxMasker):
     def __call__(self, image, boxes):
-        time.sleep(0.4)
-        return super().__call__(image, boxes)
+        time.sleep(0.4) return super().__call__(image, boxes)
 MASKERS["slowbox"] = lambda cfg: Slow()
 from engine.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -96,18 +100,42 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(dataset, tmp_path,
 
     root, ann = dataset
     out = tmp_path / "killed"
-    args = ["synthesize", "--source", "coco", "--root", str(root), "--annotations", str(ann),
-            "--split", "val", "--out", str(out), "--masker", "slowbox", "--captioner", "none",
-            "--unit-size", "3", "--executor", "local"]
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [
+        "synthesize",
+        "--source",
+        "coco",
+        "--root",
+        str(root),
+        "--annotations",
+        str(ann),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--masker",
+        "slowbox",
+        "--captioner",
+        "none",
+        "--unit-size",
+        "3",
+        "--executor",
+        "local",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         manifest = out / "manifest.json"
         if manifest.exists() and json.loads(manifest.read_text())["units"]:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed: " + proc.stderr.read().decode()
+    assert proc.poll() is None, (
+        "run finished before it could be killed: " + proc.stderr.read().decode()
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.loads((out / "manifest.json").read_text())["units"]

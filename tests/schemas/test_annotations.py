@@ -15,10 +15,20 @@ DOCS = Path(__file__).parents[2] / "docs" / "schema.md"
 
 
 def object_row(**over):
-    row = {"object_id": "s:v:1:1", "image_id": "s:v:1", "source_ann_id": "1", "category": "cat",
-           "box": [1.0, 2.0, 3.0, 4.0], "box_raw": [1.0, 2.0, 3.0, 4.0], "iscrowd": False,
-           "mask": {"counts": "PPY2", "height": 10, "width": 10}, "status": "kept", "keep": True,
-           "captions": [{"text": "a cat", "provenance": "template", "score": 0.5}], "run_id": "r"}
+    row = {
+        "object_id": "s:v:1:1",
+        "image_id": "s:v:1",
+        "source_ann_id": "1",
+        "category": "cat",
+        "box": [1.0, 2.0, 3.0, 4.0],
+        "box_raw": [1.0, 2.0, 3.0, 4.0],
+        "iscrowd": False,
+        "mask": {"counts": "PPY2", "height": 10, "width": 10},
+        "status": "kept",
+        "keep": True,
+        "captions": [{"text": "a cat", "provenance": "template", "score": 0.5}],
+        "run_id": "r",
+    }
     row.update(over)
     return row
 
@@ -29,7 +39,9 @@ def test_round_trip_through_parquet_keeps_values_and_version(tmp_path):
     back = pq.read_table(tmp_path / "o.parquet")
     validate(back, "objects")
     assert back.schema.metadata[METADATA_KEY].decode() == SCHEMA_VERSION
-    assert back.to_pylist()[0]["captions"] == [{"text": "a cat", "provenance": "template", "score": 0.5}]
+    assert back.to_pylist()[0]["captions"] == [
+        {"text": "a cat", "provenance": "template", "score": 0.5}
+    ]
     assert back.to_pylist()[0]["box"] == [1.0, 2.0, 3.0, 4.0]
 
 
@@ -37,8 +49,9 @@ def test_validate_names_the_broken_column():
     table = table_from_rows("objects", [object_row()])
     with pytest.raises(SchemaError, match="missing column 'keep'"):
         validate(table.drop_columns(["keep"]), "objects")
-    wrong = table.set_column(table.schema.get_field_index("mask_area"), "mask_area",
-                             pa.array(["x"], pa.string()))
+    wrong = table.set_column(
+        table.schema.get_field_index("mask_area"), "mask_area", pa.array(["x"], pa.string())
+    )
     with pytest.raises(SchemaError, match=r"objects\.mask_area: type string"):
         validate(wrong, "objects")
     with pytest.raises(SchemaError, match="objects.status: value 'maybe'"):
