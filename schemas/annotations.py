@@ -5,7 +5,8 @@ each column (meaning, type, units); `tests/schemas/test_annotations.py` checks t
 
 Conventions (the short version; the field table has the rest):
 - Boxes are `[x, y, w, h]` in absolute pixels of the original image, origin top-left, clipped to
-  the image. `box_raw` keeps the source's box untouched, in the source's own convention converted to xywh.
+  the image. `box_raw` keeps the source's box untouched, in the source's own convention converted
+  to xywh.
 - Masks are COCO compressed RLE made by pycocotools (column-major), with the size stored
   explicitly as `height`, `width`.
 - `status` is one of `kept`, `filtered` (a quality threshold failed: `reject_reason` says which), or
