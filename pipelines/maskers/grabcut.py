@@ -1,0 +1,150 @@
+"""`grabcut` masker: OpenCV GrabCut initialised from each box, on a padded, downscaled crop.
+
+The weights-free default. Per box:
+1. crop the box plus a margin (GrabCut learns the background colour model from the margin), and
+   downscale the crop so its long side is at most `max_side` (GrabCut's cost grows with the pixels
+   it sees, not with the box: a 256-pixel crop takes tens of milliseconds, the full image seconds);
+2. run GrabCut (`GC_INIT_WITH_MASK`: outside the box is sure background, inside is probable
+   foreground) for `iterations` rounds, with OpenCV's RNG seeded so results are deterministic;
+3. upsample the foreground (bilinear on the 0/1 mask, threshold 0.5: smoother than nearest) back to
+   the box and paste it into a full-size mask; nothing outside the box can ever be foreground;
+4. clean up (`pipelines/maskers/cleanup.py`): re-decide boundary pixels by local colour, replace a
+   collapsed result (a few specks, or the whole box) by the ellipse inscribed in the box, and make
+   the image's masks disjoint (a pixel claimed by two boxes goes to the smaller mask: the larger one
+   had swallowed a nearer object). Masks are visible pixels, as in COCO: a box nested in another
+   (a ball held by a person) is cut out of the outer object's mask.
+
+Measured by bench/mask_quality.py on generated scenes with exact masks (60 scenes, held-out seed):
+filled box 0.50 mean IoU, plain GrabCut 0.86, this masker 0.89.
+
+Coordinates: image (H, W, 3) uint8 RGB; boxes (N, 4) XYXY absolute pixels; masks (N, H, W) bool.
+A box covers pixel (c, r) when the pixel centre (c + .5, r + .5) is inside it (as in `box.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+from pipelines.maskers import MaskOutput
+from pipelines.maskers.cleanup import guard_collapse, refine_edges, resolve_overlaps
+
+log = logging.getLogger(__name__)
+SEED = 0
+
+
+def pixel_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """XYXY float box -> integer (c0, r0, c1, r1), end-exclusive, clipped, at least 1 pixel wide."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c0 = min(max(int(np.floor(x0 + 0.5)), 0), width - 1)
+    r0 = min(max(int(np.floor(y0 + 0.5)), 0), height - 1)
+    c1 = min(max(int(np.floor(x1 + 0.5)), c0 + 1), width)
+    r1 = min(max(int(np.floor(y1 + 0.5)), r0 + 1), height)
+    return c0, r0, c1, r1
+
+
+def grabcut_box(
+    image: np.ndarray,
+    box: np.ndarray,
+    iterations: int = 3,
+    margin: float = 0.15,
+    max_side: int = 256,
+) -> np.ndarray:
+    """Plain GrabCut of one box -> (h, w) bool mask of the pixel box (`pixel_box`'s h, w).
+
+    No clean-up: this is the baseline the benchmark compares against. `margin` is the padding on
+    each side as a fraction of the box's width/height.
+    """
+    height, width = image.shape[:2]
+    c0, r0, c1, r1 = pixel_box(box, height, width)
+    bw, bh = c1 - c0, r1 - r0
+    if bw < 3 or bh < 3:  # too small for a colour model: the box is the best guess
+        return np.ones((bh, bw), bool)
+    pc0, pr0 = max(c0 - int(np.ceil(margin * bw)), 0), max(r0 - int(np.ceil(margin * bh)), 0)
+    pc1, pr1 = (
+        min(c1 + int(np.ceil(margin * bw)), width),
+        min(r1 + int(np.ceil(margin * bh)), height),
+    )
+    crop = image[pr0:pr1, pc0:pc1]
+    scale = min(1.0, max_side / max(crop.shape[:2]))
+    if scale < 1.0:
+        size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+    ch, cw = crop.shape[:2]
+    # The box in crop pixels (same pixel-centre rule, in the scaled frame).
+    bc0 = int(np.clip(round((c0 - pc0) * scale), 0, cw - 1))
+    br0 = int(np.clip(round((r0 - pr0) * scale), 0, ch - 1))
+    bc1 = int(np.clip(round((c1 - pc0) * scale), bc0 + 1, cw))
+    br1 = int(np.clip(round((r1 - pr0) * scale), br0 + 1, ch))
+    gc = np.full((ch, cw), cv2.GC_BGD, np.uint8)
+    gc[br0:br1, bc0:bc1] = cv2.GC_PR_FGD
+    if not (gc == cv2.GC_BGD).any():
+        # The box fills the whole image: no margin to learn the background from. Use the box's own
+        # 1-pixel rim as probable background (GrabCut needs samples of both models).
+        gc[[0, -1], :] = cv2.GC_PR_BGD
+        gc[:, [0, -1]] = cv2.GC_PR_BGD
+    if (bc1 - bc0) < 2 or (br1 - br0) < 2:
+        return np.ones((bh, bw), bool)
+    cv2.setRNGSeed(SEED)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    bgr = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR)
+    try:
+        cv2.grabCut(bgr, gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    except cv2.error as e:  # e.g. too few samples for a colour model: the box is the best guess
+        log.debug("grabcut failed on box %s: %s", box.tolist(), e)
+        return np.ones((bh, bw), bool)
+    fg = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)).astype(np.float32)
+    if scale < 1.0:
+        fg = cv2.resize(fg, (pc1 - pc0, pr1 - pr0), interpolation=cv2.INTER_LINEAR)
+    return fg[r0 - pr0 : r1 - pr0, c0 - pc0 : c1 - pc0] >= 0.5
+
+
+def _paste(height: int, width: int, box: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
+    c0, r0, c1, r1 = pixel_box(box, height, width)
+    full = np.zeros((height, width), bool)
+    full[r0:r1, c0:c1] = box_mask
+    return full
+
+
+def grabcut_masks(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    iterations: int = 3,
+    clean: bool = True,
+    margin: float = 0.15,
+    max_side: int = 256,
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB image, (N, 4) XYXY boxes -> (N, H, W) bool masks, each inside its box.
+
+    clean=False is plain GrabCut (the baseline); clean=True adds the steps of `cleanup.py`.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"grabcut expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}"
+        )
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    height, width = image.shape[:2]
+    masks = np.zeros((len(boxes), height, width), bool)
+    for i, box in enumerate(boxes):
+        box_mask = grabcut_box(image, box, iterations, margin, max_side)
+        if clean:
+            c0, r0, c1, r1 = pixel_box(box, height, width)
+            box_mask = guard_collapse(refine_edges(box_mask, image[r0:r1, c0:c1]))
+        masks[i] = _paste(height, width, box, box_mask)
+    return resolve_overlaps(masks) if clean else masks
+
+
+class GrabCutMasker:
+    """The `grabcut` masker (see the module docstring). `clean=False` gives plain GrabCut."""
+
+    def __init__(self, iterations: int = 3, clean: bool = True):
+        if iterations < 1:
+            raise ValueError(f"grabcut iterations must be >= 1, got {iterations}")
+        self.iterations = iterations
+        self.clean = clean
+        self.origin = "grabcut" if clean else "grabcut:plain"
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> MaskOutput:
+        return MaskOutput.unscored(grabcut_masks(image, boxes, self.iterations, self.clean))
