@@ -1,0 +1,184 @@
+"""`coco` source: any COCO-format detection JSON (COCO, LVIS, V3Det, Objects365...) -> ImageRecords.
+
+Boxes are COCO `[x, y, w, h]` in absolute pixels and are passed through untouched as `box_raw` (the
+pipeline clips them). `segmentation` (polygons, RLE or uncompressed RLE) becomes `gt_mask` through
+`schemas.masks.from_segmentation`, rasterised once with pycocotools. Annotation keys other than the
+standard ones (e.g. Objects365's `isfake`, `isreflected`) are kept in `attributes`.
+
+The file is read through `pipelines.sources.stream`: never loaded whole, records in `images` order.
+Per-record problems are data, not exceptions (see `_record` and `_object`):
+- unknown or non-integer category id, bbox that is not 4 numbers, duplicate annotation id,
+  unreadable segmentation -> `SourceObject.error`;
+- duplicate image id -> an ImageRecord with error "duplicate image id", status `duplicate` (the
+  annotations stay with the first occurrence);
+- annotations whose image id is not in `images` -> one ImageRecord per unknown id, appended after
+  all images, with error "annotation refers to unknown image id N", status `invalid`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pipelines.records import ImageRecord, SourceObject
+from pipelines.sources import SourceConfig
+from pipelines.sources.stream import CocoIndex, build_index, iter_groups
+from schemas.masks import from_segmentation
+
+# file_name -> (error, error_status) for images known to be unusable, or None.
+ImageCheck = Callable[[str], "tuple[str, str] | None"]
+
+
+class CocoSource:
+    """A COCO-format annotation file; image `file_name`s are relative to `root`.
+
+    category_text: maps the file's category name to the category text the engine stores (default:
+        the name unchanged). Objects365 uses it to fix typos and trailing spaces.
+    image_check: flags known-bad images by file name (Objects365's known-missing list).
+    cache_dir: where the Parquet index is kept (reused across runs while the JSON is unchanged);
+        default: a temporary folder removed when the source is garbage-collected.
+    memory_limit: DuckDB's memory limit while sorting annotations by image, once, when the index is
+        built (it spills to disk beyond); reading records afterwards needs a few batches only.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        root: Path,
+        annotation_file: Path,
+        *,
+        category_text: Callable[[str], str] | None = None,
+        image_check: ImageCheck | None = None,
+        cache_dir: Path | None = None,
+        memory_limit: str = "512MB",
+    ):
+        self.name = name
+        self.split = split
+        self.root = Path(root)
+        self.annotation_file = Path(annotation_file)
+        if not self.annotation_file.is_file():
+            raise FileNotFoundError(f"{name}: annotation file not found: {self.annotation_file}")
+        self.category_text = category_text or _unchanged
+        self.image_check = image_check
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.memory_limit = memory_limit
+        self._index: CocoIndex | None = None
+
+    def index(self) -> CocoIndex:
+        """Build (once) or reuse the Parquet index of the annotation file."""
+        if self._index is None:
+            self._index = self._load_or_build()
+        return self._index
+
+    def _load_or_build(self) -> CocoIndex:
+        if self.cache_dir is None:
+            base = Path(tempfile.mkdtemp(prefix="mqengine-coco-"))
+            weakref.finalize(self, shutil.rmtree, base, True)
+        else:
+            base = self.cache_dir
+        stat = self.annotation_file.stat()
+        ident = f"{self.annotation_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        folder = base / f"coco-index-{hashlib.sha1(ident.encode()).hexdigest()[:16]}"
+        done = folder / "index.json"
+        if done.is_file():
+            meta = json.loads(done.read_text())
+            return CocoIndex(self.annotation_file, folder, meta["categories"], meta["n_images"],
+                             meta["n_annotations"])
+        index = build_index(self.annotation_file, folder, self.memory_limit)
+        meta = {"categories": index.categories, "n_images": index.n_images,
+                "n_annotations": index.n_annotations}
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(done)  # written last and atomically: marks the index complete
+        return index
+
+    def records(self) -> Iterator[ImageRecord]:
+        index = self.index()
+        categories = {c["id"]: c["name"] for c in index.categories}
+        texts = {cid: self.category_text(name) for cid, name in categories.items()}
+        for image, anns in iter_groups(index):
+            yield self._record(image, anns, categories, texts)
+
+    def _record(self, image: dict, anns: list[dict], categories: dict, texts: dict) -> ImageRecord:
+        record = ImageRecord(image_id=image["key"], file=image["file_name"], width=image["width"],
+                             height=image["height"])
+        record.objects = [self._object(a, categories, texts, record) for a in anns]
+        if image["ord"] is None:
+            record.error = f"annotation refers to unknown image id {image['key']}"
+            record.error_status = "invalid"
+        elif image["duplicate"]:
+            record.error, record.error_status = "duplicate image id", "duplicate"
+        elif self.image_check is not None and (flag := self.image_check(record.file)):
+            record.error, record.error_status = flag
+        return record
+
+    def _object(self, ann: dict, categories: dict, texts: dict,
+                record: ImageRecord) -> SourceObject:
+        cid = ann["category_id"]
+        errors = [ann["error"]] if ann["error"] else []
+        if cid is not None and cid not in categories:
+            errors.append(f"unknown category id {cid}")
+        if ann["duplicate"]:
+            errors.append(f"duplicate annotation id {ann['ann_key']}")
+        mask = None
+        if ann["segmentation"] is not None:
+            mask, seg_error = _mask(ann["segmentation"], record.height, record.width)
+            if seg_error:
+                errors.append(seg_error)
+        return SourceObject(
+            ann_id=ann["ann_key"],
+            category=texts.get(cid),
+            box_raw=[] if ann["x"] is None else [ann["x"], ann["y"], ann["w"], ann["h"]],
+            category_id=cid,
+            category_name=categories.get(cid),
+            iscrowd=bool(ann["iscrowd"]),
+            attributes=_attributes(ann["attributes"]),
+            gt_mask=mask,
+            error="; ".join(errors) or None,
+        )
+
+
+_PARSED_ATTRIBUTES: dict[str, dict] = {}
+
+
+def _attributes(text: str | None) -> dict:
+    """Parsed attribute JSON; memoised: the same few texts repeat across millions of boxes."""
+    if not text:
+        return {}
+    parsed = _PARSED_ATTRIBUTES.get(text)
+    if parsed is None:
+        if len(_PARSED_ATTRIBUTES) > 4096:
+            _PARSED_ATTRIBUTES.clear()
+        parsed = _PARSED_ATTRIBUTES[text] = json.loads(text)
+    return dict(parsed)  # a copy: callers may edit their object's attributes
+
+
+def _unchanged(name: str) -> str:
+    return name
+
+
+def _mask(segmentation: str, height: int | None,
+          width: int | None) -> tuple[dict | None, str | None]:
+    """A COCO segmentation (JSON text) -> (mask value, None) or (None, why it cannot be used)."""
+    seg = json.loads(segmentation)
+    if isinstance(seg, list) and (height is None or width is None):
+        return None, "polygon segmentation needs the image width and height"
+    try:
+        return from_segmentation(seg, height or 0, width or 0), None
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        return None, f"unreadable segmentation: {e}"
+
+
+def open_source(cfg: SourceConfig) -> CocoSource:
+    """`--source coco --annotations FILE [--root DIR] [--split NAME]`; root: FILE's folder."""
+    if cfg.annotations is None:
+        raise ValueError("source 'coco' needs --annotations FILE (a COCO-format JSON)")
+    annotations = Path(cfg.annotations)
+    root = Path(cfg.root) if cfg.root is not None else annotations.parent
+    return CocoSource("coco", cfg.split or annotations.stem, root=root, annotation_file=annotations)
