@@ -55,6 +55,9 @@ def synthesize(
         Path | None, typer.Option(help="Annotation file (overrides the one found under --root).")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Split name, e.g. train or val.")] = None,
+    bbox_format: Annotated[
+        str, typer.Option(help="hf source: box convention of `objects.bbox` (xywh, xyxy, auto).")
+    ] = "auto",
     masker: Annotated[str, typer.Option(help=f"Box->mask method: {_choice(MASKERS)}.")] = "grabcut",
     captioner: Annotated[str, typer.Option(help=f"Captioner: {_choice(CAPTIONERS)}.")] = "template",
     unit_size: Annotated[int, typer.Option(help="Images per work unit (= per shard).")] = 64,
@@ -111,7 +114,7 @@ def synthesize(
     """Synthesize masks and captions for every box of a detection dataset into Parquet shards."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     cfg = SynthesizeConfig(
-        source=SourceConfig(source, root, annotations, split),
+        source=SourceConfig(source, root, annotations, split, bbox_format),
         out=out,
         masker=MaskerConfig(
             name=masker,

@@ -105,6 +105,7 @@ def resolved_config(cfg: SynthesizeConfig, source) -> dict:
             "split": source.split,
             "root": str(source.root),
             "annotation_file": str(source.annotation_file) if source.annotation_file else None,
+            "bbox_format": cfg.source.bbox_format,
         },
         "masker": _jsonable(cfg.masker),
         "captioner": _jsonable(cfg.captioner),

@@ -43,6 +43,11 @@ class CaptionerConfig:
     caption_model: Path | None = None
     captions_per_object: int = 5
     device: str = "auto"
+    dtype: str = "auto"  # model captioners: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    caption_batch_size: int = 16  # model captioners: objects per generate() call
+    caption_max_tokens: int = 30  # model captioners: new tokens per caption
+    caption_margin: float = 0.15  # hf: context around each box, as a fraction of its size
+    caption_beams: int = 0  # model captioners: beam width (at least captions_per_object)
 
 
 def _template(cfg: CaptionerConfig) -> Captioner:
@@ -55,9 +60,29 @@ def _none(cfg: CaptionerConfig) -> Captioner:
     return lambda image, boxes, masks, categories: [[] for _ in categories]
 
 
+def _model_options(cfg: CaptionerConfig) -> dict:
+    return dict(captions_per_object=cfg.captions_per_object, device=cfg.device, dtype=cfg.dtype,
+                batch_size=cfg.caption_batch_size, max_new_tokens=cfg.caption_max_tokens,
+                num_beams=cfg.caption_beams)
+
+
+def _hf(cfg: CaptionerConfig) -> Captioner:
+    from pipelines.captioners.hf import build_hf_captioner
+
+    return build_hf_captioner(cfg.caption_model, margin=cfg.caption_margin, **_model_options(cfg))
+
+
+def _florence2(cfg: CaptionerConfig) -> Captioner:
+    from pipelines.captioners.florence2 import build_florence2_captioner
+
+    return build_florence2_captioner(cfg.caption_model, **_model_options(cfg))
+
+
 CAPTIONERS: dict[str, Callable[[CaptionerConfig], Captioner]] = {
     "template": _template,
     "none": _none,
+    "hf": _hf,
+    "florence2": _florence2,
 }
 
 

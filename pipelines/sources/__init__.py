@@ -26,6 +26,7 @@ class SourceConfig:
     root: Path | None = None
     annotations: Path | None = None
     split: str | None = None
+    bbox_format: str = "auto"  # hf only: xywh, xyxy, or auto (decide from the data)
 
 
 class Source(Protocol):

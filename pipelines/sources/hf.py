@@ -111,7 +111,7 @@ def decide_bbox_format(samples: list[tuple[list[float], int | None, int | None]]
         return "xyxy"
     raise ValueError(
         f"hf: cannot tell the bbox format from {len(samples)} boxes ({not_xyxy} impossible as "
-        f"xyxy, {not_xywh} impossible as xywh); pass bbox_format='xyxy' or 'xywh'"
+        f"xyxy, {not_xywh} impossible as xywh); pass --bbox-format xyxy or xywh"
     )
 
 
