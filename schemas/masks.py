@@ -49,8 +49,15 @@ def decode(values: list[dict]) -> np.ndarray:
     return np.ascontiguousarray(stacked.transpose(2, 0, 1))
 
 
+# pycocotools 2.0.11's `area` overflows (uint8 count) with more than 255 masks per call under
+# numpy 2, so it is called in chunks.
+_AREA_CHUNK = 255
+
+
 def area(values: list[dict]) -> np.ndarray:
-    return mask_utils.area([to_rle(v) for v in values]).astype(np.int64)
+    rles = [to_rle(v) for v in values]
+    chunks = [mask_utils.area(rles[i : i + _AREA_CHUNK]) for i in range(0, len(rles), _AREA_CHUNK)]
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
 
 
 def tight_box(values: list[dict]) -> np.ndarray:

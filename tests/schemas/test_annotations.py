@@ -87,6 +87,13 @@ def test_rle_agrees_with_pycocotools_on_random_masks(seed):
         np.testing.assert_allclose(rle.tight_box([value])[0], mask_utils.toBbox(ref))
 
 
+def test_area_of_many_masks_in_one_call():
+    masks = np.zeros((600, 12, 12), bool)
+    for i in range(600):
+        masks[i, : 1 + i % 12, :3] = True
+    np.testing.assert_array_equal(rle.area(rle.encode(masks)), masks.reshape(600, -1).sum(1))
+
+
 def test_polygons_rasterise_like_pycocotools():
     poly = [[2.0, 2.0, 20.0, 3.0, 15.0, 18.0]]
     value = rle.from_segmentation(poly, 24, 30)
