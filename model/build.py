@@ -1,0 +1,65 @@
+"""MQ-Former size variants in one plain dict, and the builder.
+
+    model = build_mqformer("tiny", text_encoder=build_text_encoder("hashed"))
+    model = build_mqformer("swin-l", backbone_checkpoint="swin_large.pth")  # minilm text encoder
+
+`tiny` is for tests and CPU runs (timm's `test_convnext` backbone, 32-wide, 30 queries); the others
+follow Mask DINO's hyper-parameters (d 256, 6 encoder layers, 9 decoder layers, 100 + 300 queries).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from model.backbone import Backbone
+from model.decoder import MixedQueryDecoder
+from model.mqformer import MQFormer
+from model.pixel_encoder import PixelEncoder
+from model.text import CachedTextEncoder, build_text_encoder
+
+_FULL = dict(d=256, mask_dim=256, enc_layers=6, enc_ffn=2048, dec_layers=9, dec_ffn=2048,
+             n_heads=8, n_points=4, num_learnable=100, num_conditional=300,
+             joint_self_attn=True, dropout=0.0)
+
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(backbone="test_convnext", out_indices=(0, 1, 2, 3), backbone_kwargs={},
+                 d=32, mask_dim=32, enc_layers=1, enc_ffn=64, dec_layers=2, dec_ffn=64,
+                 n_heads=4, n_points=2, num_learnable=10, num_conditional=20,
+                 joint_self_attn=True, dropout=0.0),
+    "r50": dict(_FULL, backbone="resnet50", out_indices=(1, 2, 3, 4), backbone_kwargs={}),
+    "swin-t": dict(_FULL, backbone="swin_tiny_patch4_window7_224", out_indices=(0, 1, 2, 3),
+                   backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
+    "swin-l": dict(_FULL, backbone="swin_large_patch4_window12_384", out_indices=(0, 1, 2, 3),
+                   backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
+}
+
+
+def model_config(size: str, **overrides) -> dict[str, Any]:
+    """The resolved hyper-parameters of a size variant with overrides applied."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size '{size}'; choose one of: {', '.join(MODEL_SIZES)}")
+    config = dict(MODEL_SIZES[size])
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"unknown model options {sorted(unknown)}; valid: {sorted(config)}")
+    config.update(overrides)
+    return config
+
+
+def build_mqformer(size: str = "tiny", text_encoder: CachedTextEncoder | str = "minilm",
+                   queries: str = "mixed", backbone_checkpoint: str | Path | None = None,
+                   text_encoder_path: str | Path | None = None, **overrides) -> MQFormer:
+    """Build MQ-Former. queries: "mixed" | "learnable" | "conditional" (same total count)."""
+    cfg = model_config(size, **overrides)
+    if isinstance(text_encoder, str):
+        text_encoder = build_text_encoder(text_encoder, text_encoder_path)
+    backbone = Backbone(cfg["backbone"], tuple(cfg["out_indices"]), backbone_checkpoint,
+                        **cfg["backbone_kwargs"])
+    pixel_encoder = PixelEncoder(backbone.channels, cfg["d"], cfg["mask_dim"], cfg["enc_layers"],
+                                 cfg["n_heads"], cfg["n_points"], cfg["enc_ffn"], cfg["dropout"])
+    decoder = MixedQueryDecoder(cfg["d"], cfg["dec_layers"], pixel_encoder.n_levels,
+                                cfg["n_heads"], cfg["n_points"], cfg["dec_ffn"],
+                                cfg["joint_self_attn"], cfg["dropout"])
+    return MQFormer(backbone, pixel_encoder, decoder, text_encoder, cfg["d"], cfg["mask_dim"],
+                    queries, cfg["num_learnable"], cfg["num_conditional"])

@@ -1,0 +1,167 @@
+"""Set-prediction loss of MQ-Former (Mask DINO's terms and weights).
+
+For every prediction stage (final layer, each earlier stage = deep supervision, and the encoder
+proposals) the matcher assigns queries to targets, then:
+  loss_class: sigmoid focal loss over all (query, text) pairs of the sample's own texts, a matched
+              query's positive being its target's text; sum / num_boxes.
+  loss_mask, loss_dice: sigmoid BCE (mean over points) and dice on importance-sampled points of
+              the matched masks; sum / num_masks. Box-only samples (has_masks False) are left out.
+  loss_bbox, loss_giou: L1 and 1 - GIoU of the matched boxes (cxcywh in [0, 1]); sum / num_boxes.
+Keys of earlier stages get a suffix `_0`, `_1`, ... and the encoder proposals `_interm`.
+`loss` is the weighted total. The criterion also counts, on the final stage, which query type
+matched each target, split by the target's is_thing flag (the paper's thing/stuff diagnostic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from model.box_ops import giou_cxcywh
+from model.matcher import HungarianMatcher
+from model.points import point_sample, uncertain_points
+from model.queries import QUERY_TYPES
+
+DEFAULT_WEIGHTS = {"loss_class": 4.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_bbox": 5.0,
+                   "loss_giou": 2.0}
+
+
+def mask_losses(logits: Tensor, targets: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed (not normalised) BCE and dice of matched masks on the given points.
+
+    logits (n, h, w) mask logits, targets (n, H, W) {0, 1}, points (n, P, 2) in [0, 1] (x, y).
+    BCE is the mean over points per mask; dice = 1 - (2 p.t + 1) / (sum p + sum t + 1).
+    Returns (bce summed over masks, dice summed over masks).
+    """
+    pred = point_sample(logits, points)
+    with torch.no_grad():
+        tgt = point_sample(targets.to(points.dtype), points)
+    bce = F.binary_cross_entropy_with_logits(pred, tgt, reduction="none").mean(1).sum()
+    prob = pred.sigmoid()
+    dice = 1 - (2 * (prob * tgt).sum(1) + 1) / (prob.sum(1) + tgt.sum(1) + 1)
+    return bce, dice.sum()
+
+
+def _global_count(n: float, device: torch.device) -> float:
+    """Average of a count over DDP ranks (the normaliser every rank divides by), at least 1."""
+    t = torch.tensor(float(n), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return max(t.item(), 1.0)
+
+
+def count_matches_by_type(indices: list[tuple[Tensor, Tensor]], query_types: Tensor,
+                          targets: list[dict]) -> dict[str, int]:
+    """How many matched targets each query type took, split by is_thing.
+
+    -> {"conditional/thing": n, "conditional/stuff": n, "learnable/thing": n, "learnable/stuff": n}.
+    """
+    counts = {f"{q}/{k}": 0 for q in QUERY_TYPES for k in ("thing", "stuff")}
+    for (src, tgt), target in zip(indices, targets, strict=True):
+        types = query_types.cpu()[src]
+        things = target["is_thing"].cpu()[tgt].bool()
+        for t, name in enumerate(QUERY_TYPES):
+            counts[f"{name}/thing"] += int(((types == t) & things).sum())
+            counts[f"{name}/stuff"] += int(((types == t) & ~things).sum())
+    return counts
+
+
+class SetCriterion(nn.Module):
+    """forward(outputs, targets) -> (losses dict of scalar tensors incl. "loss", match counts)."""
+
+    def __init__(self, matcher: HungarianMatcher | None = None,
+                 weights: dict[str, float] | None = None, num_points: int = 12544,
+                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+                 alpha: float = 0.25, gamma: float = 2.0):
+        super().__init__()
+        self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
+        self.weights = dict(DEFAULT_WEIGHTS, **(weights or {}))
+        unknown = set(self.weights) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; "
+                             f"valid: {list(DEFAULT_WEIGHTS)}")
+        self.num_points, self.oversample, self.importance = (num_points, oversample_ratio,
+                                                             importance_sample_ratio)
+        self.alpha, self.gamma = alpha, gamma
+
+    def stage_losses(self, outputs: dict, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+                     num_boxes: float, num_masks: float,
+                     points: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """The five loss terms of one prediction stage for given matches. points: optional per
+        sample (n_matched, P, 2) mask points (tests); importance-sampled when None."""
+        # float32 losses even when the forward ran under bf16 autocast
+        logits, boxes, masks = (outputs[k].float() for k in ("pred_logits", "pred_boxes",
+                                                              "pred_masks"))
+        zero = (logits[torch.isfinite(logits)].sum() + boxes.sum() + masks.sum()) * 0.0
+        loss = {k: zero.clone() for k in DEFAULT_WEIGHTS}
+        for b, ((src, tgt), target) in enumerate(zip(indices, targets, strict=True)):
+            n_texts = len(target["texts"])
+            sample_logits = logits[b, :, :n_texts]
+            onehot = torch.zeros_like(sample_logits)
+            onehot[src.to(onehot.device), target["labels"][tgt].to(onehot.device)] = 1.0
+            loss["loss_class"] = loss["loss_class"] + sigmoid_focal_loss(
+                sample_logits, onehot, self.alpha, self.gamma, reduction="sum")
+            if len(src) == 0:
+                continue
+            src_boxes, tgt_boxes = boxes[b, src], target["boxes"][tgt].to(boxes)
+            loss["loss_bbox"] = loss["loss_bbox"] + (src_boxes - tgt_boxes).abs().sum()
+            giou = torch.diag(giou_cxcywh(src_boxes.float(), tgt_boxes.float()))
+            loss["loss_giou"] = loss["loss_giou"] + (1 - giou).sum()
+            if target["has_masks"]:
+                src_masks = masks[b, src]
+                pts = points[b] if points is not None else uncertain_points(
+                    src_masks, self.num_points, self.oversample, self.importance)
+                tgt_masks = target["masks"][tgt].to(src_masks.device)
+                bce, dice = mask_losses(src_masks, tgt_masks, pts)
+                loss["loss_mask"] = loss["loss_mask"] + bce
+                loss["loss_dice"] = loss["loss_dice"] + dice
+        for k in ("loss_class", "loss_bbox", "loss_giou"):
+            loss[k] = loss[k] / num_boxes
+        for k in ("loss_mask", "loss_dice"):
+            loss[k] = loss[k] / num_masks
+        return loss
+
+    def forward(self, outputs: dict, targets: list[dict]) -> tuple[dict[str, Tensor],
+                                                                   dict[str, int]]:
+        check_targets(targets, outputs["pred_logits"].shape[-1])
+        device = outputs["pred_logits"].device
+        num_boxes = _global_count(sum(len(t["labels"]) for t in targets), device)
+        num_masks = _global_count(sum(len(t["labels"]) for t in targets if t["has_masks"]), device)
+        stages = [("", outputs)]
+        stages += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if "interm_outputs" in outputs:
+            stages.append(("_interm", outputs["interm_outputs"]))
+        losses: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        total = outputs["pred_boxes"].new_zeros(())
+        for suffix, stage in stages:
+            indices = self.matcher(stage, targets)
+            if suffix == "":
+                counts = count_matches_by_type(indices, outputs["query_types"], targets)
+            for k, v in self.stage_losses(stage, targets, indices, num_boxes, num_masks).items():
+                losses[k + suffix] = v
+                total = total + self.weights[k] * v
+        losses["loss"] = total
+        return losses, counts
+
+
+def check_targets(targets: list[dict], k_max: int) -> None:
+    """Raise ValueError naming the sample and field for a target that breaks the batch interface."""
+    for i, t in enumerate(targets):
+        missing = {"texts", "labels", "boxes", "masks", "has_masks", "is_thing"} - set(t)
+        if missing:
+            raise ValueError(f"target {i} lacks {sorted(missing)}")
+        m, k = len(t["labels"]), len(t["texts"])
+        if k > k_max:
+            raise ValueError(f"target {i} has {k} texts but the outputs only {k_max}")
+        if m and (int(t["labels"].min()) < 0 or int(t["labels"].max()) >= k):
+            raise ValueError(f"target {i}: labels must index its {k} texts, got {t['labels']}")
+        if t["boxes"].shape != (m, 4) or len(t["is_thing"]) != m:
+            raise ValueError(f"target {i}: boxes {tuple(t['boxes'].shape)} / is_thing "
+                             f"{len(t['is_thing'])} do not match {m} labels")
+        if t["has_masks"] and t["masks"].shape[0] != m:
+            raise ValueError(f"target {i}: {t['masks'].shape[0]} masks for {m} labels")

@@ -1,0 +1,98 @@
+"""Prediction heads shared by every decoder layer (deep supervision).
+
+- class: scaled cosine similarity between a query and each text embedding (open vocabulary),
+  logits = exp(s) * cos(W q, T) + b, with a learnable logit scale s (CLIP-style, init 1/0.07) and a
+  learnable bias b (init to the focal-loss prior 0.01, so that untrained queries start as "no
+  object" for the sigmoid focal loss; the bias is our addition, OpenSeeD has only the scale).
+- mask: MLP(q) dotted with the stride-4 mask features.
+- box: MLP(q) predicts a delta in logit space that refines the query's reference box.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them: in_dim -> hidden (x num_layers-1) -> out_dim."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
+        pairs = zip(dims[:-1], dims[1:], strict=True)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class ClassHead(nn.Module):
+    """forward(queries (B, Q, d), texts (B, K, d), text_mask (B, K) bool valid) -> (B, Q, K).
+
+    Padded text slots (text_mask False) get -inf: they never win a max and must be sliced away
+    before any loss.
+    """
+
+    def __init__(self, d: int, init_scale: float = 1 / 0.07, prior_prob: float = 0.01):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
+
+    def forward(self, queries: Tensor, texts: Tensor, text_mask: Tensor) -> Tensor:
+        q = F.normalize(self.proj(queries), dim=-1)
+        t = F.normalize(texts, dim=-1)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap
+        logits = scale * torch.einsum("bqd,bkd->bqk", q, t) + self.bias
+        return logits.masked_fill(~text_mask[:, None, :], float("-inf"))
+
+
+class MaskHead(nn.Module):
+    """forward(queries (B, Q, d), mask_features (B, mask_dim, h, w)) -> mask logits (B, Q, h, w)."""
+
+    def __init__(self, d: int, mask_dim: int):
+        super().__init__()
+        self.embed = MLP(d, d, mask_dim, 3)
+
+    def forward(self, queries: Tensor, mask_features: Tensor) -> Tensor:
+        return torch.einsum("bqc,bchw->bqhw", self.embed(queries), mask_features)
+
+
+class BoxHead(nn.Module):
+    """forward(queries (B, Q, d)) -> (B, Q, 4) delta added to the reference box's logit.
+
+    The last layer starts at zero so that the first prediction is the reference box itself.
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.mlp = MLP(d, d, 4, 3)
+        nn.init.zeros_(self.mlp.layers[-1].weight)
+        nn.init.zeros_(self.mlp.layers[-1].bias)
+
+    def forward(self, queries: Tensor) -> Tensor:
+        return self.mlp(queries)
+
+
+class PredictionHeads(nn.Module):
+    """LayerNorm + class + mask heads, applied to the queries after every decoder stage."""
+
+    def __init__(self, d: int, mask_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.cls = ClassHead(d)
+        self.mask = MaskHead(d, mask_dim)
+
+    def forward(self, queries: Tensor, texts: Tensor, text_mask: Tensor,
+                mask_features: Tensor) -> tuple[Tensor, Tensor]:
+        """-> class logits (B, Q, K), mask logits (B, Q, H/4, W/4)."""
+        q = self.norm(queries)
+        return self.cls(q, texts, text_mask), self.mask(q, mask_features)

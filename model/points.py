@@ -1,0 +1,38 @@
+"""Point sampling of mask logits/targets (detectron2's `point_sample` idea, via F.grid_sample).
+
+Masks are compared on a few thousand points instead of every pixel: predictions live at stride 4,
+targets at image resolution, and both are read at the same normalised (x, y) in [0, 1] of the
+padded image with bilinear interpolation (align_corners=False: pixel centres at (j + 0.5) / w).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def point_sample(masks: Tensor, points: Tensor) -> Tensor:
+    """masks (N, h, w), points (N, P, 2) in [0, 1] (x, y) -> (N, P) bilinear samples."""
+    grid = (2 * points - 1)[:, :, None, :]  # (N, P, 1, 2)
+    out = F.grid_sample(masks[:, None].to(points.dtype), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    return out[:, 0, :, 0]
+
+
+@torch.no_grad()
+def uncertain_points(logits: Tensor, num_points: int, oversample: float = 3.0,
+                     importance: float = 0.75) -> Tensor:
+    """Mask2Former/PointRend point choice for the mask loss: (N, h, w) logits -> (N, P, 2).
+
+    Draws oversample * P random points, keeps the importance * P most uncertain ones (logit closest
+    to 0) and fills the rest with fresh uniform points, so hard boundaries get most of the budget.
+    """
+    n = logits.shape[0]
+    candidates = torch.rand(n, int(num_points * oversample), 2, device=logits.device)
+    uncertainty = -point_sample(logits.float(), candidates).abs()
+    n_hard = int(importance * num_points)
+    top = uncertainty.topk(n_hard, dim=1).indices
+    hard = torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))
+    rand = torch.rand(n, num_points - n_hard, 2, device=logits.device)
+    return torch.cat([hard, rand], 1)

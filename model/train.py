@@ -1,0 +1,312 @@
+"""Train MQ-Former: one loop that reads top to bottom (nanoGPT-style).
+
+    path = train(TrainConfig(out_dir="runs/x", model_size="tiny", max_iters=100), loader)
+
+`data` is any object that yields batches {"images": (B, 3, H, W), "targets": [dict, ...]} (the
+interface in model/mqformer.py; model/data.py's MixtureLoader) and has state_dict() /
+load_state_dict() so that a resumed run sees the same batches as an uninterrupted one.
+
+Setup -> optional resume -> loop: lr for this step, grad-accumulated forward/backward (bf16
+autocast on CUDA), clip, step, log (JSONL + TensorBoard), checkpoint. Launched by torchrun, it runs
+DDP (NCCL on GPUs, gloo on CPU); give each rank its own loader (e.g. seed + rank). Checkpoints hold
+the model, optimizer, scheduler, step, RNG and loader states of every rank, the resolved config and
+the schema version, and are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from model.build import build_mqformer, model_config
+from model.criterion import SetCriterion
+from model.matcher import HungarianMatcher
+from model.mqformer import QUERY_MODES
+from schemas import SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "ckpt.pt"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/mqformer"     # checkpoints, metrics.jsonl, tensorboard/
+    model_size: str = "tiny"           # a key of model.build.MODEL_SIZES
+    queries: str = "mixed"             # mixed | learnable | conditional (Table 2 ablation)
+    text_encoder: str = "minilm"       # a key of model.text.TEXT_ENCODERS
+    text_encoder_path: str | None = None
+    backbone_checkpoint: str | None = None
+    max_iters: int = 1000              # optimizer steps
+    grad_accum: int = 1                # micro-batches per optimizer step
+    lr: float = 1e-4                   # Mask DINO: AdamW 1e-4, backbone x0.1, wd 0.05
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.05
+    warmup_iters: int = 100
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_iters
+    grad_clip: float = 0.01            # full-model grad-norm clip (Mask DINO); 0 = off
+    num_points: int = 12544            # points for mask cost and loss
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+    resume: bool = False               # continue from out_dir/ckpt.pt
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        model_config(self.model_size)  # raises with the valid sizes
+        if self.queries not in QUERY_MODES:
+            raise ValueError(f"queries={self.queries!r}; choose one of: {', '.join(QUERY_MODES)}")
+        for name in ("max_iters", "grad_accum", "log_interval", "ckpt_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_iters <= self.max_iters:
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be in [0, max_iters]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}; choose one of: auto, cpu, cuda")
+
+
+def get_lr(it: int, config: TrainConfig) -> float:
+    """Learning rate factor at optimizer step `it`: linear warmup, then cosine to min_lr_ratio."""
+    if it < config.warmup_iters:
+        return (it + 1) / (config.warmup_iters + 1)
+    progress = (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+
+def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """Backbone at lr x backbone_lr_mult; no weight decay on biases, norms, scales, embeddings."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "learnable." not in name  # embeddings are 2-D but not decayed
+        groups.setdefault((name.startswith("backbone."), decay), []).append(p)
+    return [{"params": ps, "lr": config.lr * (config.backbone_lr_mult if bb else 1.0),
+             "weight_decay": config.weight_decay if decay else 0.0}
+            for (bb, decay), ps in groups.items()]
+
+
+def rng_state() -> dict:
+    """torch/CUDA/numpy/python RNG states in types that torch.load(weights_only=True) accepts."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [int(pos), int(has_gauss), float(cached)],
+            "numpy_keys": torch.from_numpy(keys.astype(np.int64)), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos,
+                         has_gauss, cached))
+    random.setstate(state["python"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather(obj, world: int) -> list:
+    """Every rank's `obj` (for per-rank RNG and loader states); [obj] without DDP."""
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary name, then rename: a killed run never leaves a torn checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, config: TrainConfig) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["config"]
+    for key in ("model_size", "queries", "text_encoder"):
+        if saved[key] != getattr(config, key):
+            raise ValueError(f"resume: {path} was trained with {key}={saved[key]!r}, "
+                             f"this run asks for {getattr(config, key)!r}")
+    return state
+
+
+class MetricLog:
+    """Running sums between log lines; writes metrics.jsonl (and TensorBoard) on rank 0."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, start_step: int = 0):
+        self.path = out_dir / "metrics.jsonl"
+        if start_step and self.path.exists():
+            # a resumed run redoes the steps after its checkpoint: drop their old rows
+            rows = [r for r in self.path.read_text().splitlines()
+                    if json.loads(r)["step"] <= start_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.n, self.images, self.start = 0, 0, time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], counts: dict[str, int], images: int) -> None:
+        for k, v in losses.items():
+            if k.startswith("loss") and not k[-1].isdigit() and not k.endswith("_interm"):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self.n += 1
+        self.images += images
+
+    def write(self, step: int, lr: float) -> dict:
+        elapsed = time.perf_counter() - self.start
+        row = {"step": step, "lr": lr, "s_per_step": elapsed / max(self.n, 1),
+               "images_per_s": self.images / max(elapsed, 1e-9)}
+        row.update({k: v / max(self.n, 1) for k, v in self.sums.items()})
+        row.update({f"matched/{k}": v for k, v in self.counts.items()})
+        things = self.counts.get("conditional/thing", 0) + self.counts.get("learnable/thing", 0)
+        stuff = self.counts.get("conditional/stuff", 0) + self.counts.get("learnable/stuff", 0)
+        # the paper's diagnostic: share of things taken by conditional queries, of stuff by
+        # learnable ones
+        row["share/conditional_of_things"] = self.counts.get("conditional/thing", 0) / things \
+            if things else None
+        row["share/learnable_of_stuff"] = self.counts.get("learnable/stuff", 0) / stuff \
+            if stuff else None
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        self.reset()
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _micro_step(model, criterion, batch: dict, device: torch.device, scale: float):
+    """Forward + loss + backward of one micro-batch -> (losses, counts). Loss is scaled by
+    1 / grad_accum so the accumulated gradient is the mean over micro-batches."""
+    images = batch["images"].to(device, non_blocking=True)
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in batch["targets"]]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+    with autocast:
+        outputs = model(images, [t["texts"] for t in targets])
+    losses, counts = criterion(outputs, targets)  # float32 outside autocast
+    (losses["loss"] * scale).backward()
+    return {k: v.detach() for k, v in losses.items()}, counts
+
+
+def train(config: TrainConfig, data) -> Path:
+    """Run training; returns the path of the final checkpoint (out_dir/ckpt.pt)."""
+    rank, world, device = _setup_distributed(config)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    model = build_mqformer(config.model_size, text_encoder=config.text_encoder,
+                           queries=config.queries, backbone_checkpoint=config.backbone_checkpoint,
+                           text_encoder_path=config.text_encoder_path).to(device)
+    criterion = SetCriterion(HungarianMatcher(num_points=config.num_points),
+                             num_points=config.num_points)
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: get_lr(it, config))
+    step = 0
+    if config.resume:
+        state = load_checkpoint(ckpt_path, config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        set_rng_state(state["rng"][rank])
+        data.load_state_dict(state["data"][rank])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    else:
+        torch.manual_seed(config.seed + rank)  # different mask points per rank from here on
+    ddp = None
+    if world > 1:  # one-set ablations leave the C<->L attention unused
+        ddp = DistributedDataParallel(model, find_unused_parameters=model.num_conditional == 0
+                                      or model.num_learnable == 0)
+    net = ddp if ddp is not None else model
+    metrics = MetricLog(out_dir, config.tensorboard, step) if rank == 0 else None
+    batches = iter(data)
+    model.train()
+
+    def checkpoint() -> None:
+        rngs, loaders = _gather(rng_state(), world), _gather(data.state_dict(), world)
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rngs, "data": loaders,
+                "config": asdict(config), "model_config": model_config(config.model_size),
+                "schema_version": SCHEMA_VERSION})
+
+    while step < config.max_iters:
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(config.grad_accum):
+            last = micro == config.grad_accum - 1
+            sync = nullcontext() if (ddp is None or last) else ddp.no_sync()
+            with sync:
+                batch = next(batches)
+                losses, counts = _micro_step(net, criterion, batch, device,
+                                             1.0 / config.grad_accum)
+            if metrics is not None:
+                metrics.add(losses, counts, len(batch["targets"]))
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        lr = config.lr * get_lr(step, config)  # the head lr; the backbone runs at a multiple
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if metrics is not None and (step % config.log_interval == 0 or step == config.max_iters):
+            row = metrics.write(step, lr)
+            log.info("step %d loss %.4f lr %.2e", step, row.get("loss", float("nan")), lr)
+        if step % config.ckpt_interval == 0 or step == config.max_iters:
+            checkpoint()
+    if metrics is not None:
+        metrics.close()
+    if world > 1:
+        dist.barrier()
+    return ckpt_path

@@ -1,0 +1,112 @@
+"""Hungarian matcher against a brute-force search with costs computed independently in numpy."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from model.matcher import HungarianMatcher
+from tests.helpers.model_reference import giou as _giou
+from tests.helpers.model_reference import pixel_centres as _centres
+from tests.helpers.model_reference import sigmoid as _sigmoid
+
+
+def _numpy_cost(logits, boxes, masks, tgt_labels, tgt_boxes, tgt_masks, with_masks):
+    """Mask DINO cost by hand. masks (Q, h, w) logits; tgt_masks (M, h, w) in {0, 1} at the same
+    grid (the test samples at pixel centres of blocks where the target is constant)."""
+    q, m = logits.shape[0], len(tgt_labels)
+    cost = np.zeros((q, m))
+    alpha, gamma = 0.25, 2.0
+    for i in range(q):
+        for j in range(m):
+            p = _sigmoid(logits[i, tgt_labels[j]])
+            pos = alpha * (1 - p) ** gamma * -np.log(p)
+            neg = (1 - alpha) * p**gamma * -np.log(1 - p)
+            c = 4 * (pos - neg)
+            c += 5 * np.abs(boxes[i] - tgt_boxes[j]).sum() - 2 * _giou(boxes[i], tgt_boxes[j])
+            if with_masks:
+                x, t = masks[i].ravel(), tgt_masks[j].ravel()
+                bce = np.mean(np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x))))
+                s = _sigmoid(x)
+                dice = 1 - (2 * (s * t).sum() + 1) / (s.sum() + t.sum() + 1)
+                c += 5 * bce + 5 * dice
+            cost[i, j] = c
+    return cost
+
+
+def _brute_force(cost):
+    """Minimum-cost injective assignment of targets (columns) to queries (rows)."""
+    q, m = cost.shape
+    best, best_rows = np.inf, None
+    for rows in itertools.permutations(range(q), m):
+        total = sum(cost[r, c] for c, r in enumerate(rows))
+        if total < best:
+            best, best_rows = total, rows
+    return best, best_rows
+
+
+def _case(seed, q=5, m=3, k=4, h=4, w=4):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(q, k, generator=g) * 2
+    boxes = torch.rand(q, 4, generator=g) * 0.4 + 0.2
+    masks = torch.randn(q, h, w, generator=g) * 3
+    labels = torch.randint(0, k, (m,), generator=g)
+    tgt_boxes = torch.rand(m, 4, generator=g) * 0.4 + 0.2
+    small = torch.rand(m, h, w, generator=g) > 0.5
+    # targets at 4x the prediction resolution, constant on 4x4 blocks
+    tgt_masks = small.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    target = {"texts": [f"t{i}" for i in range(k)], "labels": labels, "boxes": tgt_boxes,
+              "masks": tgt_masks, "has_masks": True, "is_thing": torch.ones(m, dtype=torch.bool)}
+    return logits, boxes, masks, target, small
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_cost_matrix_and_assignment_match_brute_force(seed, with_masks):
+    logits, boxes, masks, target, small = _case(seed)
+    matcher = HungarianMatcher()
+    cost = matcher.cost_matrix(logits.double(), boxes.double(),
+                               masks.double() if with_masks else None, target,
+                               points=_centres(4, 4))
+    expected = _numpy_cost(logits.double().numpy(), boxes.double().numpy(),
+                           masks.double().numpy(), target["labels"].numpy(),
+                           target["boxes"].double().numpy(), small.double().numpy(), with_masks)
+    np.testing.assert_allclose(cost.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    # forward draws random points; with the same seed the same points give the cost it solved
+    target["has_masks"] = with_masks
+    outputs = {"pred_logits": logits[None], "pred_boxes": boxes[None], "pred_masks": masks[None]}
+    torch.manual_seed(seed)
+    (rows, cols), = matcher(outputs, [target])
+    torch.manual_seed(seed)
+    points = torch.rand(matcher.num_points, 2)
+    sampled_cost = matcher.cost_matrix(logits, boxes, masks if with_masks else None, target,
+                                       points=points).double().numpy()
+    best, best_rows = _brute_force(sampled_cost)
+    assigned = dict(zip(cols.tolist(), rows.tolist(), strict=True))
+    assert tuple(assigned[c] for c in range(len(target["labels"]))) == best_rows
+
+
+def test_exact_assignment_without_masks_and_more_queries():
+    logits, boxes, masks, target, _ = _case(7, q=6, m=4)
+    target["has_masks"] = False
+    expected = _numpy_cost(logits.double().numpy(), boxes.double().numpy(), None,
+                           target["labels"].numpy(), target["boxes"].double().numpy(), None, False)
+    outputs = {"pred_logits": logits[None], "pred_boxes": boxes[None], "pred_masks": masks[None]}
+    (rows, cols), = HungarianMatcher()(outputs, [target])
+    _, best_rows = _brute_force(expected)
+    assigned = dict(zip(cols.tolist(), rows.tolist(), strict=True))
+    assert tuple(assigned[c] for c in range(4)) == best_rows
+
+
+def test_empty_targets_and_padded_texts():
+    logits, boxes, masks, target, _ = _case(3)
+    empty = dict(target, labels=torch.zeros(0, dtype=torch.long), boxes=torch.zeros(0, 4),
+                 masks=torch.zeros(0, 16, 16, dtype=torch.bool),
+                 is_thing=torch.zeros(0, dtype=torch.bool), texts=["x"])
+    padded = torch.cat([logits, torch.full((5, 2), float("-inf"))], 1)  # 2 padded text slots
+    outputs = {"pred_logits": torch.stack([padded, padded]),
+               "pred_boxes": torch.stack([boxes, boxes]), "pred_masks": torch.stack([masks, masks])}
+    result = HungarianMatcher(num_points=256)(outputs, [target, empty])
+    assert len(result[0][0]) == 3 and len(result[1][0]) == 0

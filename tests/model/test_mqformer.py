@@ -1,0 +1,145 @@
+"""The full MQ-Former: output shapes, the query-type switch, text handling, backbone weights."""
+
+import pytest
+import timm
+import torch
+
+from model.backbone import Backbone
+from model.build import MODEL_SIZES, build_mqformer, model_config
+from model.mqformer import query_counts
+from model.queries import QUERY_TYPES
+from model.text import HashedBagOfWords
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, busy 2-core box OpenMP spin-waiting made 2 threads ~50x
+    slower than 1 for these tiny tensors."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+TEXTS = [["a photo of a cat.", "a photo of a dog."], ["the red car on the left"],
+         ["sky", "a photo of a cat.", "road"]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24)).eval()
+
+
+def _check_stage(stage, batch, n_queries, k_max, size):
+    assert stage["pred_logits"].shape == (batch, n_queries, k_max)
+    assert stage["pred_masks"].shape == (batch, n_queries, size // 4, size // 4)
+    assert stage["pred_boxes"].shape == (batch, n_queries, 4)
+    assert ((stage["pred_boxes"] >= 0) & (stage["pred_boxes"] <= 1)).all()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_head_has_the_documented_shape(tiny, batch):
+    images = torch.randn(batch, 3, 96, 128)
+    texts = TEXTS[:batch]
+    with torch.no_grad():
+        out = tiny(images, texts)
+    k_max = max(len(t) for t in texts)
+    n_queries = tiny.num_conditional + tiny.num_learnable
+    assert out["pred_masks"].shape == (batch, n_queries, 24, 32)
+    assert out["pred_logits"].shape == (batch, n_queries, k_max)
+    assert out["pred_boxes"].shape == (batch, n_queries, 4)
+    assert len(out["aux_outputs"]) == model_config("tiny")["dec_layers"]  # initial + L-1 layers
+    for stage in out["aux_outputs"]:
+        assert stage["pred_logits"].shape == (batch, n_queries, k_max)
+        assert stage["pred_masks"].shape == (batch, n_queries, 24, 32)
+    interm = out["interm_outputs"]
+    assert interm["pred_logits"].shape == (batch, tiny.num_conditional, k_max)
+    assert interm["pred_masks"].shape == (batch, tiny.num_conditional, 24, 32)
+    # padded text slots are -inf and flagged in text_mask; real ones are finite
+    for b, sample in enumerate(texts):
+        assert out["text_mask"][b].tolist() == [i < len(sample) for i in range(k_max)]
+        assert torch.isfinite(out["pred_logits"][b, :, :len(sample)]).all()
+        assert torch.isneginf(out["pred_logits"][b, :, len(sample):]).all()
+    types = out["query_types"].tolist()
+    assert types == [0] * tiny.num_conditional + [1] * tiny.num_learnable
+    assert QUERY_TYPES[0] == "conditional"
+
+
+def test_logits_depend_only_on_own_texts(tiny):
+    """A sample's logits for a text do not change when other samples bring other texts."""
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        alone = tiny(images[:1], [["a photo of a cat."]])["pred_logits"]
+        together = tiny(images, [["a photo of a cat."], ["road", "sky", "tree"]])["pred_logits"]
+    torch.testing.assert_close(alone[0, :, 0], together[0, :, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["mixed", "learnable", "conditional"])
+def test_query_switch_keeps_the_total(mode):
+    cfg = model_config("tiny")
+    model = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=16), queries=mode)
+    total = cfg["num_learnable"] + cfg["num_conditional"]
+    assert model.num_learnable + model.num_conditional == total
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), [["a"], ["b", "c"]])
+    assert out["pred_logits"].shape[1] == total
+    n_cond = int((out["query_types"] == 0).sum())
+    expected = {"mixed": cfg["num_conditional"], "learnable": 0, "conditional": total}[mode]
+    assert n_cond == expected
+    assert ("interm_outputs" in out) == (expected > 0)
+    assert (model.learnable is None) == (mode == "conditional")
+
+
+def test_query_counts_and_bad_mode():
+    assert query_counts("mixed", 100, 300) == (100, 300)
+    assert query_counts("learnable", 100, 300) == (400, 0)
+    assert query_counts("conditional", 100, 300) == (0, 400)
+    with pytest.raises(ValueError, match="choose one of: mixed, learnable, conditional"):
+        query_counts("both", 1, 1)
+
+
+def test_training_step_reaches_every_trainable_part(tiny):
+    model = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=16))
+    out = model(torch.randn(2, 3, 64, 64), [["a", "b"], ["c"]])
+    loss = out["pred_masks"].mean() + out["pred_logits"][out["text_mask"][:, None].expand_as(
+        out["pred_logits"])].mean() + out["pred_boxes"].mean()
+    loss = loss + sum(v[torch.isfinite(v)].mean() for v in out["interm_outputs"].values())
+    loss.backward()
+    for name in ("backbone", "pixel_encoder", "text_proj", "heads", "conditional", "learnable"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+    # the text encoder is frozen and outside the module graph
+    assert not any("text_encoder" in n for n, _ in model.named_parameters())
+
+
+def test_bad_inputs_raise(tiny):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tiny(torch.randn(1, 3, 65, 64), [["a"]])
+    with pytest.raises(ValueError, match="2 images but 1 text lists"):
+        tiny(torch.randn(2, 3, 64, 64), [["a"]])
+    with pytest.raises(ValueError, match="sample 0 has no texts"):
+        tiny(torch.randn(1, 3, 64, 64), [[]])
+    with pytest.raises(ValueError, match="unknown model size 'huge'"):
+        build_mqformer("huge", text_encoder=HashedBagOfWords())
+    assert set(MODEL_SIZES) == {"tiny", "r50", "swin-t", "swin-l"}
+
+
+def test_backbone_checkpoint_loads_real_weights(tmp_path):
+    torch.manual_seed(1)
+    classifier = timm.create_model("test_convnext", pretrained=False)
+    path = tmp_path / "weights.pth"
+    torch.save(classifier.state_dict(), path)
+    backbone = Backbone("test_convnext", (0, 1, 2, 3), checkpoint=path)
+    # timm's feature wrapper renames top-level modules (stem.0 -> stem_0): compare on "_" names
+    loaded = {k.replace(".", "_"): v for k, v in backbone.body.state_dict().items()}
+    source = {k.replace(".", "_"): v for k, v in classifier.state_dict().items()}
+    matched = [k for k in loaded if k in source]
+    assert len(matched) == len(loaded) > 10
+    for k in matched:
+        torch.testing.assert_close(loaded[k], source[k])
+    random = Backbone("test_convnext", (0, 1, 2, 3))
+    assert not torch.equal(random.body.state_dict()["stem_0.weight"],
+                           classifier.state_dict()["stem.0.weight"])
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        Backbone("test_convnext", (0, 1, 2, 3), checkpoint=tmp_path / "missing.pth")

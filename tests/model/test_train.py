@@ -1,0 +1,148 @@
+"""The training loop on a small fake loader: schedule, exact resume, checkpoint contents, logs,
+gradient accumulation and DDP over gloo."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from model.train import TrainConfig, get_lr, train
+from schemas import SCHEMA_VERSION
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, busy 2-core box OpenMP spin-waiting made 2 threads ~50x
+    slower than 1 for these tiny tensors."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class FakeLoader:
+    """Endless batches of 2 images with 1-2 random rectangles labelled "a photo of a box." or
+    "a photo of a bar."; stands in for model.data.MixtureLoader (same batch and state API)."""
+
+    def __init__(self, seed: int = 0, stop_after: int | None = None):
+        self.seed, self.rng = seed, np.random.default_rng(seed)
+        self.drawn, self.stop_after = 0, stop_after
+
+    def __iter__(self):
+        while True:
+            if self.stop_after is not None and self.drawn >= self.stop_after:
+                raise KeyboardInterrupt("simulated kill")
+            self.drawn += 1
+            samples = [self._sample(), self._sample()]
+            yield {"images": torch.stack([s[0] for s in samples]),
+                   "targets": [s[1] for s in samples]}
+
+    def _sample(self):
+        image = self.rng.normal(0, 0.1, (3, SIZE, SIZE)).astype(np.float32)
+        n = int(self.rng.integers(1, 3))
+        masks = np.zeros((n, SIZE, SIZE), bool)
+        boxes = []
+        for i in range(n):
+            x0, y0 = self.rng.integers(0, SIZE // 2, 2)
+            w, h = self.rng.integers(8, SIZE // 2, 2)
+            masks[i, y0:y0 + h, x0:x0 + w] = True
+            image[i, y0:y0 + h, x0:x0 + w] += 2.0
+            boxes.append([(x0 + w / 2) / SIZE, (y0 + h / 2) / SIZE, w / SIZE, h / SIZE])
+        target = {"texts": ["a photo of a box.", "a photo of a bar."],
+                  "labels": torch.arange(n), "boxes": torch.tensor(boxes, dtype=torch.float32),
+                  "masks": torch.from_numpy(masks), "has_masks": True,
+                  "is_thing": torch.tensor([True, False][:n]), "task": "instance"}
+        return torch.from_numpy(image), target
+
+    def state_dict(self):
+        return {"seed": self.seed, "rng": self.rng.bit_generator.state, "drawn": self.drawn}
+
+    def load_state_dict(self, state):
+        assert state["seed"] == self.seed
+        self.rng.bit_generator.state = state["rng"]
+        self.drawn = state["drawn"]
+
+
+def _config(out_dir, **kw):
+    base = dict(out_dir=str(out_dir), model_size="tiny", text_encoder="hashed", max_iters=4,
+                warmup_iters=1, lr=1e-3, grad_clip=1.0, num_points=128, log_interval=1,
+                ckpt_interval=2, tensorboard=False, device="cpu")
+    return TrainConfig(**dict(base, **kw))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_iters=100, warmup_iters=10, min_lr_ratio=0.1, text_encoder="hashed")
+    factors = [get_lr(i, cfg) for i in range(101)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert factors[100] == pytest.approx(0.1)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:11], strict=True))
+    assert all(a >= b for a, b in zip(factors[10:-1], factors[11:], strict=True))
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = torch.load(train(_config(tmp_path / "a"), FakeLoader()), weights_only=True)
+    # killed while drawing the 4th batch (step 4): the step-2 checkpoint is the last on disk
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path / "b"), FakeLoader(stop_after=3))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
+    resumed = torch.load(train(_config(tmp_path / "b", resume=True), FakeLoader()),
+                         weights_only=True)
+    assert resumed["step"] == straight["step"] == 4
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    rows_a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    # b logged steps 1-3 before the kill; resuming at 2 drops its old step-3 row and redoes it
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"]
+
+
+def test_checkpoint_contents_logs_and_resume_errors(tmp_path):
+    cfg = _config(tmp_path, max_iters=2, grad_accum=2, tensorboard=True)
+    loader = FakeLoader()
+    state = torch.load(train(cfg, loader), weights_only=True)
+    assert loader.drawn == 4  # 2 steps x 2 micro-batches
+    assert state["schema_version"] == SCHEMA_VERSION
+    assert state["config"]["grad_accum"] == 2 and state["model_config"]["d"] == 32
+    assert len(state["rng"]) == len(state["data"]) == 1 and state["data"][0]["drawn"] == 4
+    assert {"model", "optimizer", "scheduler", "step"} <= set(state)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2]
+    matched = sum(v for k, v in rows[0].items() if k.startswith("matched/"))
+    assert matched > 0 and 0 <= (rows[0]["share/conditional_of_things"] or 0) <= 1
+    assert np.isfinite(rows[-1]["loss"]) and rows[-1]["lr"] > 0
+    assert any((tmp_path / "tensorboard").iterdir())
+    with pytest.raises(ValueError, match="trained with queries='mixed'"):
+        train(_config(tmp_path, resume=True, queries="learnable"), FakeLoader())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_config(tmp_path / "empty", resume=True), FakeLoader())
+    with pytest.raises(ValueError, match="queries='both'"):
+        _config(tmp_path, queries="both")
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(_config(out_dir, max_iters=2, queries="learnable"), FakeLoader(seed=rank))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gloo_two_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["data"]) == len(state["rng"]) == 2
+    assert state["data"][0]["seed"] == 0 and state["data"][1]["seed"] == 1
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
