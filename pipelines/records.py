@@ -41,8 +41,9 @@ class ImageRecord:
 
     image_id: the source's own image id as text (the engine prefixes source and split).
     file: path relative to the source root, as the annotation names it (checked for `..` escapes
-    later). width, height: as the annotation states them (None if absent); checked against the
-    pixels later.
+        later).
+    width, height: as the annotation states them (None if absent); checked against the pixels
+        later.
     error: why the whole image cannot be used (duplicate id, known missing file...), or None.
     """
 

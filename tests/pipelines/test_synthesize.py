@@ -84,10 +84,13 @@ def test_damaged_or_unrecorded_shards_are_redone(dataset, tmp_path):
 
 
 KILL_SCRIPT = """
-import sys, time from pipelines.maskers import MASKERS from pipelines.maskers.box import BoxMasker
+import sys, time
+from pipelines.maskers import MASKERS
+from pipelines.maskers.box import BoxMasker
 class Slow(BoxMasker):
     def __call__(self, image, boxes):
-        time.sleep(0.4) return super().__call__(image, boxes)
+        time.sleep(0.4)
+        return super().__call__(image, boxes)
 MASKERS["slowbox"] = lambda cfg: Slow()
 from engine.cli import main
 sys.exit(main(sys.argv[1:]))
