@@ -87,6 +87,24 @@ def synthesize(
     ] = None,
     captions_per_object: Annotated[int, typer.Option(help="Captions kept per object.")] = 5,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (models only).")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Model compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16.")
+    ] = "auto",
+    multimask: Annotated[
+        bool, typer.Option(help="SAM family: pick the best of 3 candidate masks by predicted IoU.")
+    ] = True,
+    min_region_area: Annotated[
+        int, typer.Option(help="SAM family: remove islands and fill holes under this many pixels.")
+    ] = 0,
+    box_chunk: Annotated[
+        int, typer.Option(help="SAM family: most boxes of one image decoded together.")
+    ] = 64,
+    caption_batch_size: Annotated[
+        int, typer.Option(help="Model captioners: crops per generate() call.")
+    ] = 16,
+    caption_max_tokens: Annotated[
+        int, typer.Option(help="Model captioners: most new tokens per caption.")
+    ] = 30,
     min_box_iou: Annotated[
         float,
         typer.Option(help="Keep masks whose tight box has at least this IoU with the prompt box."),
@@ -122,12 +140,19 @@ def synthesize(
             sam_model=sam_model,
             mask_model=mask_model,
             device=device,
+            dtype=dtype,
+            multimask=multimask,
+            min_region_area=min_region_area,
+            box_chunk=box_chunk,
         ),
         captioner=CaptionerConfig(
             name=captioner,
             caption_model=caption_model,
             captions_per_object=captions_per_object,
             device=device,
+            dtype=dtype,
+            caption_batch_size=caption_batch_size,
+            caption_max_tokens=caption_max_tokens,
         ),
         quality=QualityConfig(
             min_box_iou, min_box_fill, max_components, min_pred_iou, min_stability

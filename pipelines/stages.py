@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.captioners import CaptionerConfig, build_captioner
-from pipelines.maskers import MaskerConfig, build_masker
+from pipelines.captioners import Captioner, CaptionerConfig, build_captioner
+from pipelines.maskers import Masker, MaskerConfig, build_masker
 from pipelines.plan import read_unit
 from pipelines.process import UnitContext, process_unit
 from schemas import table_from_rows
@@ -44,15 +44,20 @@ def from_ipc(data: bytes) -> pa.Table:
 
 
 class UnitWorker:
-    def __init__(self, spec: WorkerSpec):
+    """Holds the models of one worker. `masker`/`captioner` may be passed in already built (the
+    local executor reuses the driver's); otherwise they are built from the spec here, once."""
+
+    def __init__(
+        self, spec: WorkerSpec, masker: Masker | None = None, captioner: Captioner | None = None
+    ):
         import cv2
 
         # Each worker is one process on a shared machine: more threads per worker only
         # oversubscribe.
         cv2.setNumThreads(spec.threads)
         self.spec = spec
-        self.masker = build_masker(spec.masker)
-        self.captioner = build_captioner(spec.captioner)
+        self.masker = masker if masker is not None else build_masker(spec.masker)
+        self.captioner = captioner if captioner is not None else build_captioner(spec.captioner)
 
     def run(self, unit: int) -> tuple[pa.Table, pa.Table]:
         records = read_unit(self.spec.plan_path, unit)

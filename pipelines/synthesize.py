@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.captioners import CAPTIONERS, CaptionerConfig
-from pipelines.maskers import MASKERS, MaskerConfig
+from pipelines.captioners import CAPTIONERS, Captioner, CaptionerConfig, build_captioner
+from pipelines.maskers import MASKERS, Masker, MaskerConfig, build_masker
 from pipelines.plan import open_plan, write_plan
 from pipelines.process import UnitContext
 from pipelines.quality import QualityConfig
+from pipelines.registry import resolve
 from pipelines.shards import MANIFEST, Manifest, write_unit
 from pipelines.sources import SOURCES, SourceConfig, open_source
 from pipelines.stages import UnitWorker, WorkerSpec
@@ -56,14 +57,8 @@ class SynthesizeConfig:
             raise ValueError(
                 f"unknown source {self.source.name!r}; choose one of: {', '.join(SOURCES)}"
             )
-        if self.masker.name not in MASKERS:
-            raise ValueError(
-                f"unknown masker {self.masker.name!r}; choose one of: {', '.join(MASKERS)}"
-            )
-        if self.captioner.name not in CAPTIONERS:
-            raise ValueError(
-                f"unknown captioner {self.captioner.name!r}; choose one of: {', '.join(CAPTIONERS)}"
-            )
+        resolve(MASKERS, self.masker.name, "masker")
+        resolve(CAPTIONERS, self.captioner.name, "captioner")
         if self.executor not in EXECUTORS:
             raise ValueError(
                 f"unknown executor {self.executor!r}; choose one of: {', '.join(EXECUTORS)}"
@@ -74,6 +69,15 @@ class SynthesizeConfig:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        positive = {
+            "--box-chunk": self.masker.box_chunk,
+            "--captions-per-object": self.captioner.captions_per_object,
+            "--caption-batch-size": self.captioner.caption_batch_size,
+            "--caption-max-tokens": self.captioner.caption_max_tokens,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
 
 
 @dataclass
@@ -195,9 +199,22 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
 Result = tuple[int, pa.Table, pa.Table]
 
 
-def run_local(spec: WorkerSpec, pending: list[int]) -> Iterator[Result]:
+def preflight(cfg: SynthesizeConfig) -> tuple[Masker, Captioner]:
+    """Build the masker and captioner once in the driver, before any planning, so that a missing,
+    corrupt or mismatched checkpoint is one clear error instead of a failure inside a worker.
+
+    With Ray the driver may have no GPU, so it checks on the CPU; its copy is then dropped and every
+    worker loads its own. The local executor keeps and uses these models."""
+    masker_cfg, captioner_cfg = cfg.masker, cfg.captioner
+    if cfg.executor == "ray":
+        masker_cfg = dataclasses.replace(masker_cfg, device="cpu")
+        captioner_cfg = dataclasses.replace(captioner_cfg, device="cpu")
+    return build_masker(masker_cfg), build_captioner(captioner_cfg)
+
+
+def run_local(spec: WorkerSpec, pending: list[int], models: tuple) -> Iterator[Result]:
     spec.threads = max(1, os.cpu_count() or 1)
-    worker = UnitWorker(spec)
+    worker = UnitWorker(spec, *models)
     for unit in pending:
         yield (unit, *worker.run(unit))
 
@@ -209,6 +226,7 @@ def run(
 ) -> RunSummary:
     """Run (or resume) a synthesis. `on_start(units_total, units_done)` is called once planning is
     done; `on_unit(entry)` after each unit is recorded in the manifest."""
+    models = preflight(cfg)
     manifest, spec, pending = prepare(cfg)
     total = manifest.data["plan"]["units"]
     skipped = total - len(pending)
@@ -216,10 +234,11 @@ def run(
         on_start(total, skipped)
     if pending:
         if cfg.executor == "local":
-            results = run_local(spec, pending)
+            results = run_local(spec, pending, models)
         else:
             from pipelines.ray_runner import run_ray
 
+            del models  # workers load their own copies
             results = run_ray(spec, pending, cfg.workers, cfg.ray_address)
         for unit, images, objects in results:
             entry = write_unit(cfg.out, unit, images, objects)

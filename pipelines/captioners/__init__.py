@@ -87,6 +87,6 @@ CAPTIONERS: dict[str, Callable[[CaptionerConfig], Captioner]] = {
 
 
 def build_captioner(cfg: CaptionerConfig) -> Captioner:
-    if cfg.name not in CAPTIONERS:
-        raise ValueError(f"unknown captioner {cfg.name!r}; choose one of: {', '.join(CAPTIONERS)}")
-    return CAPTIONERS[cfg.name](cfg)
+    from pipelines.registry import resolve
+
+    return resolve(CAPTIONERS, cfg.name, "captioner")(cfg)

@@ -109,6 +109,6 @@ MASKERS: dict[str, Callable[[MaskerConfig], Masker]] = {
 
 
 def build_masker(cfg: MaskerConfig) -> Masker:
-    if cfg.name not in MASKERS:
-        raise ValueError(f"unknown masker {cfg.name!r}; choose one of: {', '.join(MASKERS)}")
-    return MASKERS[cfg.name](cfg)
+    from pipelines.registry import resolve
+
+    return resolve(MASKERS, cfg.name, "masker")(cfg)
