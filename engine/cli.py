@@ -58,8 +58,12 @@ def synthesize(
     bbox_format: Annotated[
         str, typer.Option(help="hf source: box convention of `objects.bbox` (xywh, xyxy, auto).")
     ] = "auto",
-    masker: Annotated[str, typer.Option(help=f"Box->mask method: {_choice(MASKERS)}.")] = "grabcut",
-    captioner: Annotated[str, typer.Option(help=f"Captioner: {_choice(CAPTIONERS)}.")] = "template",
+    masker: Annotated[
+        str, typer.Option(help=f"Box->mask method: {_choice(MASKERS)}, or module:builder.")
+    ] = "grabcut",
+    captioner: Annotated[
+        str, typer.Option(help=f"Captioner: {_choice(CAPTIONERS)}, or module:builder.")
+    ] = "template",
     unit_size: Annotated[int, typer.Option(help="Images per work unit (= per shard).")] = 64,
     workers: Annotated[int, typer.Option(help="Parallel workers; 0 = one per CPU or GPU.")] = 0,
     executor: Annotated[str, typer.Option(help="ray, or local (one process, no Ray).")] = "ray",
@@ -80,7 +84,9 @@ def synthesize(
     sam_checkpoint: Annotated[
         Path | None, typer.Option(help="segment-anything checkpoint.")
     ] = None,
-    sam_model: Annotated[str, typer.Option(help="SAM variant: vit_b, vit_l, vit_h.")] = "vit_b",
+    sam_model: Annotated[
+        str, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (tiny: tests).")
+    ] = "vit_b",
     mask_model: Annotated[Path | None, typer.Option(help="transformers SAM/SAM2 folder.")] = None,
     caption_model: Annotated[
         Path | None, typer.Option(help="transformers captioner folder.")

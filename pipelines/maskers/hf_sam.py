@@ -18,7 +18,7 @@ import torch
 
 from pipelines.devices import configure_threads, inference, resolve_device, resolve_dtype
 from pipelines.maskers import MaskOutput
-from pipelines.maskers.sam import MAX_CHUNK_PIXELS, clip_boxes
+from pipelines.maskers.sam import MAX_CHUNK_PIXELS, check_prompt
 from pipelines.maskers.scores import pick_best, remove_small_parts, stability_scores
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,10 @@ class HfSamMasker:
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> MaskOutput:
         """image (H, W, 3) uint8 RGB, boxes (N, 4) XYXY pixels -> N masks (H, W) and scores."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"SAM expects an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}"
-            )
+        boxes, nothing = check_prompt(image, boxes)
+        if nothing is not None:
+            return nothing
         height, width = image.shape[:2]
-        boxes = clip_boxes(boxes, height, width)
-        if len(boxes) == 0:
-            empty = np.zeros(0, dtype=np.float32)
-            return MaskOutput(np.zeros((0, height, width), bool), empty, empty.copy())
         # The processor resizes the image and maps the boxes into the model's input frame.
         inputs = self.processor(images=image, input_boxes=[boxes.tolist()], return_tensors="pt")
         chunk = max(1, min(self.box_chunk, MAX_CHUNK_PIXELS // (height * width)))

@@ -197,6 +197,21 @@ def clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return boxes
 
 
+def check_prompt(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, MaskOutput | None]:
+    """Check the image of a SAM-family call and clip its boxes; the second value is the (empty)
+    result to return at once when there are no boxes, else None."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"SAM expects an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}"
+        )
+    height, width = image.shape[:2]
+    boxes = clip_boxes(boxes, height, width)
+    if len(boxes):
+        return boxes, None
+    empty = np.zeros(0, dtype=np.float32)
+    return boxes, MaskOutput(np.zeros((0, height, width), bool), empty, empty.copy())
+
+
 class SamMasker:
     """Masker over a loaded `Sam`: one encoder pass per image, boxes decoded in chunks.
 
@@ -236,15 +251,10 @@ class SamMasker:
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> MaskOutput:
         """image (H, W, 3) uint8 RGB, boxes (N, 4) XYXY pixels -> N masks (H, W) and scores."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"SAM expects an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}"
-            )
+        boxes, nothing = check_prompt(image, boxes)
+        if nothing is not None:
+            return nothing
         height, width = image.shape[:2]
-        boxes = clip_boxes(boxes, height, width)
-        if len(boxes) == 0:
-            empty = np.zeros(0, dtype=np.float32)
-            return MaskOutput(np.zeros((0, height, width), bool), empty, empty.copy())
         with inference(self.device, self.dtype):
             self.predictor.set_image(image, image_format="RGB")
             chunk = max(1, min(self.box_chunk, MAX_CHUNK_PIXELS // (height * width)))
