@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine.query import FORMATS, connect, format_rows, run_query, stats
+from engine.train_commands import eval_command, train_command
 from pipelines.captioners import CAPTIONERS, CaptionerConfig
 from pipelines.maskers import MASKERS, MaskerConfig
 from pipelines.quality import QualityConfig
@@ -313,6 +314,8 @@ COMMANDS = {
     "stats": stats_command,
     "export": export,
     "show": show,
+    "train": train_command,
+    "eval": eval_command,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

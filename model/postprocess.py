@@ -79,6 +79,8 @@ def panoptic_inference(logits: Tensor, masks: Tensor, boxes: Tensor, size: tuple
     """
     scores, labels = logits.float().sigmoid().max(-1)
     keep = scores > object_mask_threshold
+    if not bool(keep.any()):  # interpolate refuses an empty batch
+        return {"segments": torch.zeros(size, dtype=torch.int32, device=masks.device), "info": []}
     probs = upsample(masks[keep], size).sigmoid()
     scores, labels = scores[keep], labels[keep]
     segments = torch.zeros(size, dtype=torch.int32, device=masks.device)

@@ -21,8 +21,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,13 @@ class TrainConfig:
     ckpt_interval: int = 500
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
-    resume: bool = False               # continue from out_dir/ckpt.pt
+    resume: bool = False               # continue from out_dir/<checkpoint_name>
     tensorboard: bool = True
+    checkpoint_name: str = CHECKPOINT  # file name of the (single, overwritten) checkpoint
+    stop_after: int | None = None      # stop (and checkpoint) after this step; the schedule still
+                                       # runs to max_iters, so a run can be split across jobs
+    data: dict = field(default_factory=dict)  # the data side's resolved config (image size,
+                                       # mixture...), kept in checkpoints for eval / reproduction
 
     def __post_init__(self):
         model_config(self.model_size)  # raises with the valid sizes
@@ -77,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}; choose one of: auto, cpu, cuda")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.max_iters:
+            raise ValueError(f"stop_after={self.stop_after} must be in [1, max_iters]")
 
 
 def get_lr(it: int, config: TrainConfig) -> float:
@@ -239,12 +247,17 @@ def _micro_step(model, criterion, batch: dict, device: torch.device, scale: floa
     return {k: v.detach() for k, v in losses.items()}, counts
 
 
-def train(config: TrainConfig, data) -> Path:
-    """Run training; returns the path of the final checkpoint (out_dir/ckpt.pt)."""
+def train(config: TrainConfig, data,
+          on_step: Callable[[int, dict | None], None] | None = None) -> Path:
+    """Run training; returns the path of the final checkpoint (out_dir/<checkpoint_name>).
+
+    on_step(step, row), on rank 0 after every optimizer step: row is the metrics.jsonl row when
+    the step was logged, else None (progress bars).
+    """
     rank, world, device = _setup_distributed(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT
+    ckpt_path = out_dir / config.checkpoint_name
     torch.manual_seed(config.seed)  # same initial weights on every rank
     model = build_mqformer(config.model_size, text_encoder=config.text_encoder,
                            queries=config.queries, backbone_checkpoint=config.backbone_checkpoint,
@@ -283,7 +296,8 @@ def train(config: TrainConfig, data) -> Path:
                 "config": asdict(config), "model_config": model_config(config.model_size),
                 "schema_version": SCHEMA_VERSION})
 
-    while step < config.max_iters:
+    last_step = config.stop_after or config.max_iters
+    while step < last_step:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(config.grad_accum):
             last = micro == config.grad_accum - 1
@@ -300,11 +314,14 @@ def train(config: TrainConfig, data) -> Path:
         optimizer.step()
         scheduler.step()
         step += 1
-        if metrics is not None and (step % config.log_interval == 0 or step == config.max_iters):
+        row = None
+        if metrics is not None and (step % config.log_interval == 0 or step == last_step):
             row = metrics.write(step, lr)
             log.info("step %d loss %.4f lr %.2e", step, row.get("loss", float("nan")), lr)
-        if step % config.ckpt_interval == 0 or step == config.max_iters:
+        if step % config.ckpt_interval == 0 or step == last_step:
             checkpoint()
+        if on_step is not None and rank == 0:
+            on_step(step, row)
     if metrics is not None:
         metrics.close()
     if world > 1:

@@ -107,7 +107,7 @@ def resolved_config(cfg: SynthesizeConfig, source) -> dict:
         "source": {
             "name": source.name,
             "split": source.split,
-            "root": str(source.root),
+            "root": str(Path(source.root).resolve()),  # readers find images from anywhere
             "annotation_file": str(source.annotation_file) if source.annotation_file else None,
             "bbox_format": cfg.source.bbox_format,
         },
@@ -186,7 +186,7 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     ctx = UnitContext(
         source=source.name,
         split=source.split,
-        root=Path(source.root),
+        root=Path(manifest.data["source"]["root"]),
         run_id=manifest.data["run_id"],
         quality=cfg.quality,
         remask=cfg.remask,

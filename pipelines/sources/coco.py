@@ -56,7 +56,7 @@ class CocoSource:
         category_text: Callable[[str], str] | None = None,
         image_check: ImageCheck | None = None,
         cache_dir: Path | None = None,
-        memory_limit: str = "512MB",
+        memory_limit: str = "256MB",
     ):
         self.name = name
         self.split = split

@@ -326,7 +326,7 @@ def _check_top_level(path: Path) -> None:
             raise _fail(path, key, f"expected an array, got {types[key]}")
 
 
-def build_index(json_path: Path, folder: Path, memory_limit: str = "512MB") -> CocoIndex:
+def build_index(json_path: Path, folder: Path, memory_limit: str = "256MB") -> CocoIndex:
     """Stream `json_path` into `folder`/{images,annotations}.parquet. Memory: one batch of rows.
 
     Three C-speed ijson passes (categories, images, annotations): the C tokenizer is far faster than

@@ -162,3 +162,17 @@ def test_show_draws_a_png(demo_run, tmp_path):
     assert main(["show", str(demo_run), "--to", str(dest)]) == 0
     img = cv2.imread(str(dest))
     assert img is not None and img.shape[2] == 3
+
+
+def test_relative_root_is_recorded_absolute(tmp_path, monkeypatch):
+    from tests.helpers.coco_fixture import write_coco
+
+    ann = write_coco(tmp_path / "ds", n_images=2)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["synthesize", "--source", "coco", "--root", "ds", "--annotations", str(ann),
+                 "--out", str(out), "--executor", "local", "--masker", "box"]) == 0
+    root = json.loads((out / "manifest.json").read_text())["source"]["root"]
+    assert root == str((tmp_path / "ds").resolve())
+    monkeypatch.chdir("/")  # a reader elsewhere still finds the images
+    assert main(["show", str(out), "--to", str(tmp_path / "s.png")]) == 0

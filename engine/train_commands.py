@@ -1,0 +1,297 @@
+"""`engine train` and `engine eval`: flags -> model.train.TrainConfig / model.inference.Evaluator.
+
+    engine train --mixture mix.yaml --out runs/mq --model tiny --steps 200 --text-encoder hashed
+    engine eval --checkpoint runs/mq/last.pt --data runs/val --task instance
+
+Every flag is checked before any data is read, and an error names the flag; a bad mix.yaml names the
+key (model.mixture). Both raise ValueError/FileNotFoundError, which engine/cli.py's main() turns
+into one line and exit code 2.
+
+train writes DIR/last.pt (overwritten at every checkpoint; holds the resolved TrainConfig with the
+data options under `data`, so eval can rebuild the model and its input size), DIR/metrics.jsonl and
+DIR/tensorboard/. eval prints a table and writes the metrics as JSON (default: next to the
+checkpoint, eval-<task>-<data folder name>.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from model.mixture import MASK_KINDS
+
+# torch and the model are imported inside the commands: `engine query` etc. stay fast to start.
+console = Console(stderr=True)
+CHECKPOINT_NAME = "last.pt"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _one_of(flag: str, value: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{flag} {value!r} is not valid; choose one of: {', '.join(choices)}")
+    return value
+
+
+def _at_least(flag: str, value: float, low: float) -> None:
+    if value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
+def _image_size(value: int) -> int:
+    if value < 64 or value % 32:
+        raise ValueError(f"--image-size must be a multiple of 32 and >= 64, got {value}")
+    return value
+
+
+def _device(value: str) -> str:
+    import torch
+
+    _one_of("--device", value, DEVICES)
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    return "cuda" if value == "auto" and torch.cuda.is_available() else \
+        ("cpu" if value == "auto" else value)
+
+
+# ------------------------------------------------------------------------------------------ train
+def train_command(
+    mixture: Annotated[Path, typer.Option(help="mix.yaml: shard folders, weights, tasks.")],
+    out: Annotated[Path, typer.Option(help="Run folder: last.pt, metrics.jsonl, tensorboard/.")],
+    model: Annotated[str, typer.Option(help="Size: tiny, r50, swin-t, swin-l.")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Optimizer steps (the schedule's length).")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per micro-batch.")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    queries: Annotated[str, typer.Option(help="mixed, learnable or conditional (ablation).")]
+    = "mixed",
+    text_encoder: Annotated[str, typer.Option(help="minilm, clip or hashed (tests).")]
+    = "minilm",
+    text_encoder_path: Annotated[Path | None, typer.Option(help="Local text encoder folder.")]
+    = None,
+    backbone_checkpoint: Annotated[Path | None, typer.Option(help="Backbone weights.")] = None,
+    image_size: Annotated[int, typer.Option(help="Square input side (multiple of 32).")] = 512,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default: steps/10, <=100).")]
+    = None,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0 = off).")] = 0.01,
+    num_points: Annotated[int, typer.Option(help="Sampled points for mask cost/loss.")] = 12544,
+    log_interval: Annotated[int, typer.Option(help="Steps between metrics.jsonl rows.")] = 10,
+    ckpt_interval: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    stop_after: Annotated[
+        int | None,
+        typer.Option(help="Stop (and checkpoint) after this step; --resume continues later."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of weights, sampling and augmentation.")] = 0,
+    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars.")] = True,
+    cache_images: Annotated[int, typer.Option(help="Decoded images kept in memory.")] = 256,
+) -> None:
+    """Train MQ-Former on a weighted mixture of shard folders (mix.yaml)."""
+    from model.build import MODEL_SIZES
+    from model.data import MixtureLoader
+    from model.mixture import load_mixture
+    from model.mqformer import QUERY_MODES
+    from model.text import TEXT_ENCODERS
+    from model.train import TrainConfig, train
+
+    _one_of("--model", model, MODEL_SIZES)
+    _one_of("--queries", queries, QUERY_MODES)
+    _one_of("--text-encoder", text_encoder, TEXT_ENCODERS)
+    for flag, value, low in (("--steps", steps, 1), ("--batch-size", batch_size, 1),
+                             ("--grad-accum", grad_accum, 1), ("--num-points", num_points, 1),
+                             ("--log-interval", log_interval, 1), ("--grad-clip", grad_clip, 0),
+                             ("--ckpt-interval", ckpt_interval, 1), ("--cache-images", cache_images,
+                                                                     0)):
+        _at_least(flag, value, low)
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    warmup = min(100, steps // 10) if warmup is None else warmup
+    if not 0 <= warmup <= steps:
+        raise ValueError(f"--warmup must be in [0, --steps={steps}], got {warmup}")
+    if stop_after is not None and not 1 <= stop_after <= steps:
+        raise ValueError(f"--stop-after must be in [1, --steps={steps}], got {stop_after}")
+    if text_encoder == "clip" and text_encoder_path is None:
+        raise ValueError("--text-encoder clip needs --text-encoder-path (a local CLIP folder)")
+    for flag, path in (("--text-encoder-path", text_encoder_path),
+                       ("--backbone-checkpoint", backbone_checkpoint)):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    _image_size(image_size)
+    device = _device(device)
+    data = {"mixture": str(mixture.resolve()), "image_size": image_size, "batch_size": batch_size,
+            "seed": seed}
+    _check_run_folder(out, resume, data)
+    mix = load_mixture(mixture)  # every key checked here, before the model is built
+    config = TrainConfig(
+        out_dir=str(out), model_size=model, queries=queries, text_encoder=text_encoder,
+        text_encoder_path=None if text_encoder_path is None else str(text_encoder_path),
+        backbone_checkpoint=None if backbone_checkpoint is None else str(backbone_checkpoint),
+        max_iters=steps, grad_accum=grad_accum, lr=lr, warmup_iters=warmup, grad_clip=grad_clip,
+        num_points=num_points, log_interval=log_interval, ckpt_interval=ckpt_interval, seed=seed,
+        device=device, resume=resume, tensorboard=tensorboard, checkpoint_name=CHECKPOINT_NAME,
+        stop_after=stop_after, data=data)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: each rank draws its own batches
+    loader = MixtureLoader(mix, image_size=image_size, batch_size=batch_size, seed=seed + rank,
+                           train=True, cache_images=cache_images)
+    if rank:
+        train(config, loader)
+        return
+    for name, n in loader.excluded.items():
+        if n:
+            console.print(f"{name}: {n} images excluded (also in an evaluation set)")
+    last = _train_with_progress(config, loader, train, batch_size * grad_accum)
+    console.print(f"wrote {out / CHECKPOINT_NAME} and {out / 'metrics.jsonl'}")
+    if last:
+        _print_row("last logged step", last)
+
+
+def _check_run_folder(out: Path, resume: bool, data: dict) -> None:
+    """Refuse to overwrite a run without --resume, and to resume with other data options."""
+    import torch
+
+    ckpt = out / CHECKPOINT_NAME
+    if not resume:
+        if ckpt.exists():
+            raise ValueError(f"--out {out} already holds {CHECKPOINT_NAME}; pass --resume to "
+                             "continue it or choose another --out")
+        return
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint {ckpt}")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["config"].get("data", {})
+    for key in ("image_size", "batch_size", "seed"):
+        if key in saved and saved[key] != data[key]:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume: {ckpt} was trained with {flag} {saved[key]}, "
+                             f"this run asks for {data[key]} (the batches would differ)")
+
+
+def _train_with_progress(config, loader, train_fn, images_per_step: int) -> dict | None:
+    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    last: dict = {}
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=config.stop_after or config.max_iters,
+                                 status="building the model...")
+        clock = {"t": None, "first": None}
+
+        def on_step(step: int, row: dict | None) -> None:
+            now = time.perf_counter()
+            if clock["t"] is None:  # the first step includes start-up: time from its end
+                clock["t"], clock["first"] = now, step
+            if row is not None:
+                last.clear()
+                last.update(row)
+            done = step - clock["first"]
+            rate = done * images_per_step / (now - clock["t"]) if done else 0.0
+            loss = last.get("loss")
+            status = f"loss {loss:.4f}  " if loss is not None else ""
+            progress.update(task, completed=step, status=f"{status}{rate:.1f} images/s")
+
+        train_fn(config, loader, on_step=on_step)
+    return last or None
+
+
+def _print_row(title: str, row: dict) -> None:
+    keys = ["step", "loss", "loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou",
+            "lr", "images_per_s", "share/conditional_of_things", "share/learnable_of_stuff"]
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in keys:
+        table.add_row(k, _fmt(row.get(k)))
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.3e}"  # lr, tiny APs
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------- eval
+def eval_command(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint written by `engine train`.")],
+    data: Annotated[Path, typer.Option(help="Shard folder to evaluate on.")],
+    task: Annotated[str, typer.Option(help="instance, semantic, panoptic, referring, "
+                                           "foreground or detection.")],
+    out: Annotated[Path | None, typer.Option(help="JSON file (default: beside the checkpoint).")]
+    = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side (default: training's).")]
+    = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    masks: Annotated[str, typer.Option(help="Ground-truth mask provenances: gt,synthesized.")]
+    = "gt,synthesized",
+    all_objects: Annotated[bool, typer.Option(help="Include objects with keep = false.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+) -> None:
+    """Evaluate a checkpoint on one task of a shard folder; print and write the metrics."""
+    import torch
+
+    from model.data import ShardSet, iter_eval_samples
+    from model.inference import TASKS, Evaluator, dataset_categories, load_model, run_model
+
+    _one_of("--task", task, TASKS)
+    _at_least("--batch-size", batch_size, 1)
+    if limit is not None:
+        _at_least("--limit", limit, 1)
+    mask_kinds = [m.strip() for m in masks.split(",") if m.strip()]
+    for m in mask_kinds or [""]:
+        _one_of("--masks", m, MASK_KINDS)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+    device = _device(device)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "config" not in state or "model" not in state:
+        raise ValueError(f"--checkpoint {checkpoint} is not an `engine train` checkpoint")
+    size = _image_size(image_size or state["config"].get("data", {}).get("image_size", 512))
+    shards = ShardSet(data)  # raises when --data is not a shard folder
+    vocab, is_thing = dataset_categories(shards, keep_only=not all_objects)
+    torch.manual_seed(0)  # the matcher's random points: the same figures on every run
+    model = load_model(state).to(device)
+    evaluator = Evaluator(task, vocab, is_thing,
+                          num_points=state["config"].get("num_points", 12544))
+    samples = iter_eval_samples(data, task, size, masks=tuple(mask_kinds),
+                                keep_only=not all_objects)
+    start = time.perf_counter()
+    for sample, output in run_model(model, islice(samples, limit), device, batch_size):
+        evaluator.add(sample, output)
+    result = evaluator.result()
+    result.update(checkpoint=str(checkpoint), step=state.get("step"), data=str(data),
+                  image_size=size, seconds=time.perf_counter() - start)
+    out = out or checkpoint.parent / f"eval-{task}-{data.resolve().name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _print_eval(result)
+    console.print(f"wrote {out}")
+
+
+def _print_eval(result: dict) -> None:
+    table = Table(title=f"{result['task']} on {result['data']} ({result['images']} images, "
+                        f"{result['targets']} targets, step {result['step']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():
+        table.add_row(k, _fmt(v))
+    for k, v in result["query_split"].items():
+        table.add_row(f"query split: {k}", _fmt(v))
+    Console().print(table)
+

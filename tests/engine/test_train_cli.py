@@ -1,0 +1,195 @@
+"""`engine train` and `engine eval` end to end: shards written by `engine synthesize` (demo photos
+with box masks, demo scenes with their ground-truth masks) -> a two-dataset mixture -> train ->
+eval, checked against DuckDB counts of the same shards; exact --resume; user errors exit 2."""
+
+import json
+import math
+import re
+
+import duckdb
+import pytest
+import torch
+
+from engine.cli import main
+from pipelines.sources.demo import DEMO_DIR, scenes_gt_file
+
+TRAIN_FLAGS = ["--model", "tiny", "--text-encoder", "hashed", "--image-size", "128",
+               "--batch-size", "2", "--steps", "6", "--log-interval", "1", "--ckpt-interval",
+               "3", "--num-points", "256", "--lr", "1e-3", "--grad-clip", "1", "--device", "cpu",
+               "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two shard folders and a mix.yaml over both."""
+    tmp = tmp_path_factory.mktemp("shards")
+    photos, scenes = tmp / "photos", tmp / "scenes"
+    common = ["--executor", "local", "--unit-size", "4", "--masker", "box"]
+    assert main(["synthesize", "--source", "demo", "--split", "photos", "--out", str(photos),
+                 *common]) == 0
+    assert main(["synthesize", "--source", "coco", "--root", str(DEMO_DIR), "--annotations",
+                 str(scenes_gt_file()), "--out", str(scenes), *common]) == 0
+    mix = tmp / "mix.yaml"
+    mix.write_text(f"""datasets:
+  - path: {photos}
+    weight: 1.0
+    tasks: [instance, referring]
+    masks: [synthesized]
+  - path: {scenes}
+    weight: 1.0
+    tasks: [instance, semantic]
+    masks: [gt]
+""")
+    return {"photos": photos, "scenes": scenes, "mix": mix}
+
+
+@pytest.fixture(scope="module")
+def run(shards, tmp_path_factory):
+    """A 6-step uninterrupted training run."""
+    out = tmp_path_factory.mktemp("run") / "a"
+    assert main(["train", "--mixture", str(shards["mix"]), "--out", str(out), *TRAIN_FLAGS]) == 0
+    return out
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sql(sql: str):
+    return duckdb.connect().execute(sql).fetchone()
+
+
+def test_train_writes_checkpoint_and_metrics(run, shards):
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and r["images_per_s"] > 0
+               for r in rows)
+    # every step matched some targets of the batch to queries (counts logged per query type)
+    assert all(sum(v for k, v in r.items() if k.startswith("matched/")) > 0 for r in rows)
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["step"] == 6
+    assert state["config"]["data"]["image_size"] == 128
+    assert state["config"]["data"]["mixture"] == str(shards["mix"].resolve())
+    assert state["config"]["model_size"] == "tiny" and state["config"]["text_encoder"] == "hashed"
+    # the loader state covers both datasets of the mixture
+    assert state["data"][0]["datasets"] == [str(shards["photos"].resolve()),
+                                            str(shards["scenes"].resolve())]
+
+
+def test_eval_instance_on_scenes(run, shards, capsys):
+    scenes = shards["scenes"]
+    out = run / "instance.json"
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(scenes), "--task",
+                 "instance", "--out", str(out), "--device", "cpu"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    result = json.loads(out.read_text())
+    n_images, = _sql(f"SELECT count(*) FROM read_parquet('{scenes}/images/*.parquet') "
+                     "WHERE status = 'ok'")
+    n_objects, = _sql(f"SELECT count(*) FROM read_parquet('{scenes}/objects/*.parquet') "
+                      "WHERE keep AND NOT iscrowd")
+    assert (result["images"], result["targets"]) == (n_images, n_objects) == (12, 29)
+    metrics = result["metrics"]
+    assert set(metrics) == {"box_AP", "box_AP50", "mask_AP", "mask_AP50"}
+    for v in metrics.values():
+        assert 0.0 <= v <= 1.0
+    shown = re.search(r"mask_AP │ ([-+.e\d]+)", printed)
+    assert shown and float(shown.group(1)) == pytest.approx(metrics["mask_AP"], rel=1e-3, abs=1e-4)
+    split = result["query_split"]
+    # 30 queries >= objects per image: every target is matched to exactly one query
+    assert split["conditional/thing"] + split["learnable/thing"] == n_objects
+    assert split["conditional/stuff"] == split["learnable/stuff"] == 0
+    assert result["step"] == 6 and result["image_size"] == 128
+
+
+def test_eval_referring_on_photos_default_output(run, shards):
+    photos = shards["photos"]
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(photos), "--task",
+                 "referring", "--device", "cpu"]) == 0
+    result = json.loads((run / "eval-referring-photos.json").read_text())
+    objects = f"read_parquet('{photos}/objects/*.parquet')"
+    n_expr, n_images = _sql(
+        f"SELECT sum(len(captions)), count(DISTINCT image_id) FROM {objects} "
+        "WHERE keep AND NOT iscrowd AND mask IS NOT NULL AND len(captions) > 0")
+    assert (result["targets"], result["images"]) == (n_expr, n_images)
+    assert n_expr > n_images > 0
+    assert 0.0 <= result["metrics"]["cIoU"] <= 1.0 and 0.0 <= result["metrics"]["mIoU"] <= 1.0
+
+
+def test_resume_reproduces_the_loss_trajectory(run, shards, tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["train", "--mixture", str(shards["mix"]), "--out", str(out), *TRAIN_FLAGS]
+    assert main([*argv, "--stop-after", "3"]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    # a second run without --resume must not clobber the first
+    assert main(argv) == 2
+    assert "pass --resume" in " ".join(capsys.readouterr().err.split())
+    # nor resume with other data options (the batches would differ)
+    changed = [*argv, "--resume"]
+    changed[changed.index("--image-size") + 1] = "160"
+    assert main(changed) == 2
+    assert "--image-size 128" in " ".join(capsys.readouterr().err.split())
+    assert main([*argv, "--resume"]) == 0
+    straight, resumed = _rows(run), _rows(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("loss", "loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou",
+                    "lr"):
+            assert b[key] == pytest.approx(a[key], rel=0, abs=1e-6), (a["step"], key)
+    final_a = torch.load(run / "last.pt", weights_only=True)["model"]
+    final_b = torch.load(out / "last.pt", weights_only=True)["model"]
+    for k, v in final_a.items():
+        torch.testing.assert_close(final_b[k], v, rtol=0, atol=1e-6)
+
+
+BAD_MIXES = [
+    ("weight: -1", "datasets[0].weight must be > 0"),
+    ("wieght: 2", "datasets[0] has unknown key(s) ['wieght']"),
+    ("tasks: [depth]", "datasets[0].tasks has unknown value(s) ['depth']"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_MIXES)
+def test_bad_mix_yaml_exits_2_naming_the_key(shards, tmp_path, capsys, line, message):
+    key = line.split(":")[0]
+    entry = {"weight": "1.0", "tasks": "[instance]"}
+    entry[key] = line.split(": ", 1)[1]
+    body = "".join(f"    {k}: {v}\n" for k, v in entry.items())
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"datasets:\n  - path: {shards['photos']}\n{body}")
+    assert main(["train", "--mixture", str(mix), "--out", str(tmp_path / "o"), *TRAIN_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 2  # one message (rich may wrap a long line)
+    assert f"mix.yaml: {message}" in " ".join(err.split())
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--image-size", "100", "--image-size must be a multiple of 32"),
+    ("--queries", "both", "--queries 'both' is not valid; choose one of: mixed, learnable"),
+    ("--steps", "0", "--steps must be >= 1"),
+    ("--model", "huge", "--model 'huge' is not valid; choose one of: tiny, r50"),
+    ("--text-encoder", "bert", "--text-encoder 'bert' is not valid"),
+    ("--stop-after", "7", "--stop-after must be in [1, --steps=6]"),
+])
+def test_bad_train_flags_exit_2_naming_the_flag(shards, tmp_path, capsys, flag, value, message):
+    argv = ["train", "--mixture", str(shards["mix"]), "--out", str(tmp_path / "o"), *TRAIN_FLAGS]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_bad_eval_flags_exit_2(run, shards, tmp_path, capsys):
+    ckpt = str(run / "last.pt")
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(shards["scenes"]),
+                 "--task", "depth"]) == 2
+    assert "--task 'depth' is not valid" in " ".join(capsys.readouterr().err.split())
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data",
+                 str(shards["scenes"]), "--task", "instance"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path), "--task",
+                 "instance"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
