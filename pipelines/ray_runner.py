@@ -1,10 +1,13 @@
-"""Ray executor: unit numbers -> Ray Data -> an actor pool of UnitWorkers -> results to the driver.
+"""Ray executor: unit numbers -> a pool of UnitWorker actors -> results to the driver.
 
 Locally, `ray.init` is sized to the machine with no dashboard; `ray_address` joins an existing
-cluster (whose nodes must have this package installed, e.g. the image in docker/). Sizing rule
-measured on a 2-core box (ENV.md): an actor pool that takes every CPU starves Ray Data's own tasks
-and deadlocks, so workers share all CPUs but one. On a cluster with GPUs each worker gets its share
-of a GPU and models resolve `device=auto` to CUDA.
+cluster (whose nodes must have this package installed, e.g. the image in docker/). Workers share all
+CPUs but one, which stays for the driver's writes and Ray's own processes (on a 2-core box a pool
+that claims every CPU also deadlocks Ray Data pipelines: ENV.md). On a cluster with GPUs each worker
+gets its share of a GPU and models resolve `device=auto` to CUDA.
+
+Plain actors rather than Ray Data: the work is already cut into units, and measured on 2 cores the
+Ray Data streaming executor's own overhead cost a fifth of the pipeline's throughput.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import logging
 import os
 from collections.abc import Iterator
 
-from pipelines.stages import UnitWorker, WorkerSpec, from_ipc
+from pipelines.stages import UnitWorker, WorkerSpec
+
+MAX_RETRIES = 3
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ def wants_gpu(spec: WorkerSpec) -> bool:
 
 def bound_worker(spec: WorkerSpec) -> type:
     """UnitWorker with `spec` bound in the class itself: Ray ships the class with the actor
-    definition, so an actor restart never depends on constructor arguments in the object store."""
+    definition, so a restarted actor rebuilds its models from the same spec."""
 
     class BoundUnitWorker(UnitWorker):
         def __init__(self) -> None:
@@ -72,28 +77,28 @@ def bound_worker(spec: WorkerSpec) -> type:
 def run_ray(
     spec: WorkerSpec, pending: list[int], workers: int, address: str | None
 ) -> Iterator[tuple]:
+    """Yield (unit, images table, objects table) for every pending unit, in completion order.
+
+    A pool of actors, each holding its own models, takes one unit at a time. An actor that dies (an
+    out-of-memory kill, a segfault in a native library) is restarted and its unit retried; a unit
+    that kills its actor MAX_RETRIES times stops the run, which a rerun then resumes."""
     import ray
-    import ray.data
+    from ray.util import ActorPool
 
     started = init_ray(address)
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # the engine draws its own progress
-        ctx.print_on_execution_start = False
         size, cpu_each, gpu_each = worker_resources(workers, wants_gpu(spec))
         size = min(size, len(pending))
         spec.threads = max(1, int(cpu_each) or 1)
         log.info("ray: %d workers x %.2f CPU, %.2f GPU", size, cpu_each, gpu_each)
-        ds = ray.data.from_items([{"unit": k} for k in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(
-            bound_worker(spec),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=size),
+        actor_cls = ray.remote(
             num_cpus=cpu_each,
             num_gpus=gpu_each,
-        )  # Ray Data restarts a crashed actor and retries its unit by default
-        for row in ds.iter_rows():
-            yield int(row["unit"]), from_ipc(row["images"]), from_ipc(row["objects"])
+            max_restarts=MAX_RETRIES,
+            max_task_retries=MAX_RETRIES,
+        )(bound_worker(spec))
+        pool = ActorPool([actor_cls.remote() for _ in range(size)])
+        yield from pool.map_unordered(lambda actor, unit: actor.run_unit.remote(unit), pending)
     finally:
         if started:
             ray.shutdown()

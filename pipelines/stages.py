@@ -1,9 +1,8 @@
 """The unit worker: loads the models once, then turns unit numbers into finished tables.
 
-`UnitWorker` is used as is by the local executor and as a Ray Data callable class
-(`__call__(batch) -> batch`) by the Ray executor; both call the same pure `process_unit`. Tables
-travel back to the driver as Arrow IPC bytes so the driver alone writes files and the manifest (one
-writer, no races).
+`UnitWorker` is used as is by the local executor and as a Ray actor by the Ray executor; both call
+the same pure `process_unit`. Tables travel back to the driver, so the driver alone writes files and
+the manifest (one writer, no races).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines.captioners import Captioner, CaptionerConfig, build_captioner
@@ -30,17 +28,6 @@ class WorkerSpec:
     masker: MaskerConfig
     captioner: CaptionerConfig
     threads: int = 1
-
-
-def to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
 class UnitWorker:
@@ -64,11 +51,6 @@ class UnitWorker:
         images, objects = process_unit(self.spec.context, records, self.masker, self.captioner)
         return table_from_rows("images", images), table_from_rows("objects", objects)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"unit": [], "images": [], "objects": []}
-        for unit in batch["unit"]:
-            images, objects = self.run(int(unit))
-            out["unit"].append(int(unit))
-            out["images"].append(to_ipc(images))
-            out["objects"].append(to_ipc(objects))
-        return out
+    def run_unit(self, unit: int) -> tuple[int, pa.Table, pa.Table]:
+        """The Ray entry point: the unit number travels back with its tables."""
+        return (unit, *self.run(unit))

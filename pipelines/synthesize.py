@@ -26,7 +26,7 @@ from pipelines.plan import open_plan, write_plan
 from pipelines.process import UnitContext
 from pipelines.quality import QualityConfig
 from pipelines.registry import resolve
-from pipelines.shards import MANIFEST, Manifest, write_unit
+from pipelines.shards import MANIFEST, UNIT_LOG, Manifest, write_unit
 from pipelines.sources import SOURCES, SourceConfig, open_source
 from pipelines.stages import UnitWorker, WorkerSpec
 
@@ -137,6 +137,7 @@ def _clear_output(out: Path) -> None:
     for name in ("images", "objects", "_plan"):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    (out / UNIT_LOG).unlink(missing_ok=True)
 
 
 def _remove_partial_files(out: Path) -> None:
@@ -177,12 +178,14 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
             },
         }
         manifest = Manifest.create(cfg.out, header)
+        (cfg.out / UNIT_LOG).unlink(missing_ok=True)  # a new plan: earlier markers mean nothing
         manifest.save()
     _remove_partial_files(cfg.out)
     done = manifest.done_units()
     for key in [k for k in manifest.units if int(k) not in done]:
         log.warning("unit %s: files missing or changed since they were written; redoing it", key)
         del manifest.units[key]
+    manifest.data["totals"] = manifest.totals()
     ctx = UnitContext(
         source=source.name,
         split=source.split,

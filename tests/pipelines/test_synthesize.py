@@ -73,12 +73,17 @@ def test_damaged_or_unrecorded_shards_are_redone(dataset, tmp_path):
     run(config(dataset, out))
     reference = read_rows(out, "objects")
     (out / "objects" / "part-00001.parquet").write_bytes(b"garbage")  # damaged after the fact
+    # Killed after writing unit 3's files, before recording it (and mid-append of its log line).
     manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["units"]["00003"]  # killed after writing files, before recording the unit
+    del manifest["units"]["00003"]
     (out / "manifest.json").write_text(json.dumps(manifest))
+    log_lines = (out / "_units.jsonl").read_text().splitlines()
+    kept = [line for line in log_lines if '"00003"' not in line]
+    (out / "_units.jsonl").write_text("\n".join(kept) + '\n{"unit": "00003", "ent')
     (out / "images" / ".part-00004.parquet.tmp-123").write_bytes(b"half")  # killed mid-write
     summary = run(config(dataset, out))
     assert summary.units_written == 2
+    assert json.loads((out / "manifest.json").read_text())["totals"] == summary.totals
     assert read_rows(out, "objects") == reference
     assert not list((out / "images").glob(".*tmp*"))
 
@@ -132,8 +137,8 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(dataset, tmp_path,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        manifest = out / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text())["units"]:
+        unit_log = out / "_units.jsonl"  # the resume marker, written right after each unit
+        if unit_log.exists() and unit_log.read_text().strip():
             break
         time.sleep(0.05)
     assert proc.poll() is None, (
@@ -141,7 +146,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(dataset, tmp_path,
     )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = json.loads((out / "manifest.json").read_text())["units"]
+    done = (out / "_units.jsonl").read_text().splitlines()
     assert 1 <= len(done) < 5
 
     class Slow(BoxMasker):  # same name, same output as in the killed process
