@@ -6,8 +6,9 @@ CPUs but one, which stays for the driver's writes and Ray's own processes (on a 
 that claims every CPU also deadlocks Ray Data pipelines: ENV.md). On a cluster with GPUs each worker
 gets its share of a GPU and models resolve `device=auto` to CUDA.
 
-Plain actors rather than Ray Data: the work is already cut into units, and measured on 2 cores the
-Ray Data streaming executor's own overhead cost a fifth of the pipeline's throughput.
+Plain actors rather than Ray Data: the work is already cut into units, and on 2 cores the same
+workers under Ray Data's streaming executor reached 1.48x the single-process loop against 1.77x as
+plain actors, with 3.3 s instead of 1.3 s of start-up per run (bench/pipeline_throughput.py).
 """
 
 from __future__ import annotations
