@@ -4,6 +4,7 @@ gradient accumulation and DDP over gloo."""
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +134,22 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    import model.train as train_module
+
+    built = []
+    original = train_module.build_mqformer
+
+    def keep(*args, **kwargs):  # capture this rank's model to compare it across ranks afterwards
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    train_module.build_mqformer = keep
+    torch.manual_seed(0)  # as train() seeds before building: the same initial weights
+    initial = {k: v.clone() for k, v in original(
+        "tiny", text_encoder="hashed", queries="learnable").state_dict().items()}
     train(_config(out_dir, max_iters=2, queries="learnable"), FakeLoader(seed=rank))
+    torch.save({"final": built[0].state_dict(), "initial": initial},
+               Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -146,3 +162,10 @@ def test_ddp_gloo_two_ranks(tmp_path):
     assert state["step"] == 2 and len(state["data"]) == len(state["rng"]) == 2
     assert state["data"][0]["seed"] == 0 and state["data"][1]["seed"] == 1
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    # Different data on each rank, yet identical weights after the steps: gradients were averaged.
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name, value in r0["final"].items():
+        torch.testing.assert_close(value, r1["final"][name], rtol=0, atol=1e-6, msg=name)
+    moved = [n for n, v in r0["final"].items() if not torch.equal(v, r0["initial"][n])]
+    assert len(moved) > 10  # the steps really changed the weights
