@@ -1,15 +1,18 @@
-"""Where model stages run: resolve `--device auto|cpu|cuda`, pick a compute dtype, set CPU threads.
+"""Where model stages run: resolve `--device auto|cpu|cuda`, pick a compute dtype, set CPU threads;
+and the check every model folder given on the command line goes through.
 
-Model classes call `resolve_device` once in their constructor and keep the result; the Ray stage
-reads their `uses_gpu` attribute to ask for `num_gpus` per actor. Nothing here imports a model.
+Model classes call `resolve_device` once in their constructor and keep the result (`uses_gpu` tells
+whether it is a GPU). Nothing here imports a model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -73,3 +76,22 @@ def configure_threads(device: torch.device) -> None:
     if torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
         log.debug("torch threads set to %d", cores)
+
+
+def read_model_type(folder: Path | None, needed_by: str, flag: str) -> tuple[Path, str]:
+    """Check `folder` is a saved transformers model; return it and its config's model_type.
+
+    needed_by / flag name the options in the errors, e.g. ("--masker sam2", "--mask-model")."""
+    if folder is None:
+        raise ValueError(f"{needed_by} needs {flag} DIR (a saved transformers model)")
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = flag.removeprefix("--").replace("-", " ")
+        raise FileNotFoundError(f"{what} folder {folder} does not exist")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{folder} is not a transformers model folder (no config.json)")
+    try:
+        return folder, str(json.loads(config.read_text()).get("model_type"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from None

@@ -20,8 +20,14 @@ import numpy as np
 import torch
 
 from pipelines.captioners import Caption
-from pipelines.captioners.hf import beam_search, read_model_type, tidy
-from pipelines.devices import configure_threads, inference, resolve_device, resolve_dtype
+from pipelines.captioners.hf import beam_search, tidy
+from pipelines.devices import (
+    configure_threads,
+    inference,
+    read_model_type,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ def load_florence2(folder: Path | None) -> tuple[torch.nn.Module, object]:
     """(Florence2ForConditionalGeneration in eval mode, Florence2Processor) from a local folder."""
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    folder, model_type = read_model_type(folder, "florence2")
+    folder, model_type = read_model_type(folder, "--captioner florence2", "--caption-model")
     if model_type != "florence2":
         raise ValueError(
             f"{folder} holds a {model_type!r} model, not Florence-2; "

@@ -13,7 +13,6 @@ length_penalty=1.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -24,27 +23,17 @@ import torch
 
 from pipelines.captioners import Caption
 from pipelines.captioners.crops import DEFAULT_MARGIN, context_crops
-from pipelines.devices import configure_threads, inference, resolve_device, resolve_dtype
+from pipelines.devices import (
+    configure_threads,
+    inference,
+    read_model_type,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_CHARS = 200  # captions are cut at a word boundary below this length
-
-
-def read_model_type(folder: Path | None, captioner: str) -> tuple[Path, str]:
-    """Check `folder` is a transformers model folder; return it and its config's model_type."""
-    if folder is None:
-        raise ValueError(f"--captioner {captioner} needs --caption-model DIR (a saved model)")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"caption model folder {folder} does not exist")
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{folder} is not a transformers model folder (no config.json)")
-    try:
-        return folder, str(json.loads(config.read_text()).get("model_type"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON: {e}") from None
 
 
 def load_image_captioner(folder: Path) -> tuple[torch.nn.Module, Callable, object]:
@@ -57,7 +46,7 @@ def load_image_captioner(folder: Path) -> tuple[torch.nn.Module, Callable, objec
         VisionEncoderDecoderModel,
     )
 
-    folder, model_type = read_model_type(folder, "hf")
+    folder, model_type = read_model_type(folder, "--captioner hf", "--caption-model")
     if model_type == "florence2":
         raise ValueError(f"{folder} holds a Florence-2 model; use --captioner florence2")
     try:

@@ -9,14 +9,19 @@ and only it is upsampled. Scores are the same as the `sam` masker's (see maskers
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines.devices import configure_threads, inference, resolve_device, resolve_dtype
+from pipelines.devices import (
+    configure_threads,
+    inference,
+    read_model_type,
+    resolve_device,
+    resolve_dtype,
+)
 from pipelines.maskers import MaskOutput
 from pipelines.maskers.sam import MAX_CHUNK_PIXELS, check_prompt
 from pipelines.maskers.scores import pick_best, remove_small_parts, stability_scores
@@ -35,18 +40,7 @@ def _classes(model_type: str) -> tuple[type, type]:
 
 def check_model_dir(folder: Path | None, masker: str) -> Path:
     """The folder exists and holds a transformers model of the family `masker` loads."""
-    if folder is None:
-        raise ValueError(f"--masker {masker} needs --mask-model DIR (a saved transformers model)")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"mask model folder {folder} does not exist")
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{folder} is not a transformers model folder (no config.json)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON: {e}") from None
+    folder, model_type = read_model_type(folder, f"--masker {masker}", "--mask-model")
     if model_type != FAMILIES[masker]:
         other = [name for name, kind in FAMILIES.items() if kind == model_type]
         hint = (
