@@ -78,6 +78,15 @@ def configure_threads(device: torch.device) -> None:
         log.debug("torch threads set to %d", cores)
 
 
+def place_model(
+    model: torch.nn.Module, device: str, dtype: str
+) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
+    """Resolve `--device`/`--dtype`, set CPU threads, move `model` there in eval mode."""
+    resolved = resolve_device(device)
+    configure_threads(resolved)
+    return model.to(resolved).eval(), resolved, resolve_dtype(dtype, resolved)
+
+
 def read_model_type(folder: Path | None, needed_by: str, flag: str) -> tuple[Path, str]:
     """Check `folder` is a saved transformers model; return it and its config's model_type.
 

@@ -22,11 +22,9 @@ import torch
 from pipelines.captioners import Caption
 from pipelines.captioners.hf import beam_search, tidy
 from pipelines.devices import (
-    configure_threads,
     inference,
+    place_model,
     read_model_type,
-    resolve_device,
-    resolve_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -81,10 +79,7 @@ class Florence2Captioner:
     ) -> None:
         if captions_per_object < 1 or batch_size < 1 or max_new_tokens < 1:
             raise ValueError("captions_per_object, batch_size and max_new_tokens must be >= 1")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        configure_threads(self.device)
-        self.model = model.to(self.device).eval()
+        self.model, self.device, self.dtype = place_model(model, device, dtype)
         self.processor, self.origin = processor, origin
         self.k, self.batch_size, self.max_new_tokens = (
             captions_per_object,

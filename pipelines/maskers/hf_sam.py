@@ -16,11 +16,9 @@ import numpy as np
 import torch
 
 from pipelines.devices import (
-    configure_threads,
     inference,
+    place_model,
     read_model_type,
-    resolve_device,
-    resolve_dtype,
 )
 from pipelines.maskers import MaskOutput
 from pipelines.maskers.sam import MAX_CHUNK_PIXELS, check_prompt
@@ -83,10 +81,7 @@ class HfSamMasker:
     ) -> None:
         if box_chunk < 1:
             raise ValueError(f"box_chunk must be >= 1, got {box_chunk}")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        configure_threads(self.device)
-        self.model = model.to(self.device).eval()
+        self.model, self.device, self.dtype = place_model(model, device, dtype)
         self.processor = processor
         self.origin = origin
         self.multimask = multimask

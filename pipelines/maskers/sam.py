@@ -31,7 +31,10 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from pipelines.devices import configure_threads, inference, resolve_device, resolve_dtype
+from pipelines.devices import (
+    inference,
+    place_model,
+)
 from pipelines.maskers import MaskOutput
 from pipelines.maskers.scores import pick_best, remove_small_parts, stability_scores
 
@@ -235,14 +238,11 @@ class SamMasker:
     ) -> None:
         if box_chunk < 1:
             raise ValueError(f"box_chunk must be >= 1, got {box_chunk}")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        configure_threads(self.device)
+        self.sam, self.device, self.dtype = place_model(sam, device, dtype)
         self.origin = origin
         self.multimask = multimask
         self.min_region_area = min_region_area
         self.box_chunk = box_chunk
-        self.sam = sam.to(self.device).eval()
         self.predictor = SamPredictor(self.sam)
 
     @property
