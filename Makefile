@@ -18,10 +18,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/engine synthesize --source demo --out $(DEMO_OUT) --unit-size 6
-	$(BIN)/engine query $(DEMO_OUT) "SELECT i.split, o.category, count(*) AS objects, \
-	  count(*) FILTER (WHERE o.keep) AS kept, round(avg(o.box_iou), 3) AS mean_box_iou, \
-	  any_value(o.captions[1].text) AS example_caption \
-	  FROM objects o JOIN images i USING (image_id) GROUP BY ALL ORDER BY i.split, objects DESC LIMIT 20"
+	$(BIN)/engine query $(DEMO_OUT) "SELECT split_part(i.file_path, '/', 1) AS subset, o.category, \
+	  count(*) AS objects, count(*) FILTER (WHERE o.keep) AS kept, \
+	  round(avg(o.box_iou), 3) AS mean_box_iou, \
+	  min(coalesce(o.captions[2].text, o.captions[1].text)) AS example_caption \
+	  FROM objects o JOIN images i USING (image_id) GROUP BY ALL ORDER BY subset, objects DESC LIMIT 24"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
