@@ -50,7 +50,7 @@ def worker_resources(workers: int, uses_gpu: bool) -> tuple[int, float, float]:
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     if workers == 0:
         workers = int(gpus) if uses_gpu and gpus >= 1 else max(1, int(cpus))
-    spare = max(cpus - 1.0, cpus / 2)  # keep one CPU (or half of a tiny box) for Ray Data tasks
+    spare = max(cpus - 1.0, cpus / 2)  # keep one CPU (or half of a tiny box) for the driver
     cpu_each = min(1.0, spare / workers)
     gpu_each = min(1.0, gpus / workers) if uses_gpu and gpus > 0 else 0.0
     return workers, cpu_each, gpu_each
