@@ -190,18 +190,10 @@ def annotate_objects(
     usable = check_objects(objects, rows, width, height)
     if not usable:
         return rows
-    masks = np.zeros((len(usable), height, width), dtype=bool)
-    pred_iou = np.full(len(usable), np.nan, dtype=np.float32)
-    stability = np.full(len(usable), np.nan, dtype=np.float32)
     to_mask = [j for j, i in enumerate(usable) if ctx.remask or objects[i].gt_mask is None]
-    for j, i in enumerate(usable):
-        if j not in to_mask:
-            masks[j] = rle.decode([objects[i].gt_mask])[0].astype(bool)
-    if to_mask:
-        boxes = np.array([_xyxy(rows[usable[j]]["box"]) for j in to_mask], dtype=np.float64)
-        out = masker(pixels, boxes)
-        masks[to_mask] = out.masks
-        pred_iou[to_mask], stability[to_mask] = out.pred_iou, out.stability
+    masks, pred_iou, stability = gather_masks(
+        pixels, [objects[i] for i in usable], [rows[i]["box"] for i in usable], to_mask, masker
+    )
     encoded = rle.encode(masks)
     synthesized = set(to_mask)
     for j, i in enumerate(usable):
@@ -219,6 +211,29 @@ def annotate_objects(
     for i, caps in zip(usable, captions, strict=True):
         rows[i]["captions"] = rows[i]["captions"] + [_caption_dict(c) for c in caps]
     return rows
+
+
+def gather_masks(
+    pixels: np.ndarray,
+    objects: list[SourceObject],
+    boxes: list[list[float]],
+    to_mask: list[int],
+    masker: Masker,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, H, W) masks of the usable objects: ground truth decoded, except the `to_mask` indices,
+    which one masker call fills (with their scores; NaN elsewhere)."""
+    height, width = pixels.shape[:2]
+    masks = np.zeros((len(objects), height, width), dtype=bool)
+    pred_iou = np.full(len(objects), np.nan, dtype=np.float32)
+    stability = np.full(len(objects), np.nan, dtype=np.float32)
+    from_gt = sorted(set(range(len(objects))) - set(to_mask))
+    if from_gt:
+        masks[from_gt] = rle.decode([objects[j].gt_mask for j in from_gt]).astype(bool)
+    if to_mask:
+        out = masker(pixels, np.array([_xyxy(boxes[j]) for j in to_mask], dtype=np.float64))
+        masks[to_mask] = out.masks
+        pred_iou[to_mask], stability[to_mask] = out.pred_iou, out.stability
+    return masks, pred_iou, stability
 
 
 def fill_mask_columns(
