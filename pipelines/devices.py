@@ -104,3 +104,16 @@ def read_model_type(folder: Path | None, needed_by: str, flag: str) -> tuple[Pat
         return folder, str(json.loads(config.read_text()).get("model_type"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config} is not valid JSON: {e}") from None
+
+
+@contextlib.contextmanager
+def loading(what: str, folder: Path) -> Iterator[None]:
+    """Turn any failure while loading a model folder into one ValueError naming it.
+
+    Broken folders fail in many libraries' own error types (OSError, KeyError, safetensors and
+    tokenizers errors...), so everything is caught; the first line of the reason is kept."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot load {what} from {folder}: {reason}") from None

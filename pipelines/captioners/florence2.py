@@ -23,6 +23,7 @@ from pipelines.captioners import Caption
 from pipelines.captioners.hf import beam_search, tidy
 from pipelines.devices import (
     inference,
+    loading,
     place_model,
     read_model_type,
 )
@@ -50,12 +51,9 @@ def load_florence2(folder: Path | None) -> tuple[torch.nn.Module, object]:
             f"{folder} holds a {model_type!r} model, not Florence-2; "
             "use --captioner hf for image-to-text models"
         )
-    try:
+    with loading("Florence-2 model", folder):
         model = Florence2ForConditionalGeneration.from_pretrained(folder)
         processor = AutoProcessor.from_pretrained(folder)
-    except Exception as e:  # noqa: BLE001 - broken folders fail in many libraries' own error types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot load Florence-2 model from {folder}: {reason}") from None
     return model.eval(), processor
 
 

@@ -25,6 +25,7 @@ from pipelines.captioners import Caption
 from pipelines.captioners.crops import DEFAULT_MARGIN, context_crops
 from pipelines.devices import (
     inference,
+    loading,
     place_model,
     read_model_type,
 )
@@ -47,7 +48,7 @@ def load_image_captioner(folder: Path) -> tuple[torch.nn.Module, Callable, objec
     folder, model_type = read_model_type(folder, "--captioner hf", "--caption-model")
     if model_type == "florence2":
         raise ValueError(f"{folder} holds a Florence-2 model; use --captioner florence2")
-    try:
+    with loading(f"caption model ({model_type})", folder):
         if model_type == "vision-encoder-decoder":
             model = VisionEncoderDecoderModel.from_pretrained(folder)
             image_processor = AutoImageProcessor.from_pretrained(folder)
@@ -56,11 +57,6 @@ def load_image_captioner(folder: Path) -> tuple[torch.nn.Module, Callable, objec
             model = AutoModelForImageTextToText.from_pretrained(folder)
             image_processor = AutoProcessor.from_pretrained(folder)
             tokenizer = image_processor.tokenizer
-    except Exception as e:  # noqa: BLE001 - broken folders fail in many libraries' own error types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(
-            f"cannot load caption model ({model_type}) from {folder}: {reason}"
-        ) from None
 
     def prepare(crops: list[np.ndarray]) -> dict:
         return {"pixel_values": image_processor(images=crops, return_tensors="pt")["pixel_values"]}

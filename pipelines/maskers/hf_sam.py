@@ -17,6 +17,7 @@ import torch
 
 from pipelines.devices import (
     inference,
+    loading,
     place_model,
     read_model_type,
 )
@@ -53,12 +54,9 @@ def check_model_dir(folder: Path | None, masker: str) -> Path:
 def load_hf_sam(folder: Path, masker: str) -> tuple[torch.nn.Module, object]:
     """(model in eval mode, processor) from a checked folder; load failures name the folder."""
     model_cls, processor_cls = _classes(FAMILIES[masker])
-    try:
+    with loading(f"{masker} model", folder):
         model = model_cls.from_pretrained(folder)
         processor = processor_cls.from_pretrained(folder)
-    except Exception as e:  # noqa: BLE001 - broken folders fail in many libraries' own error types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot load {masker} model from {folder}: {reason}") from None
     return model.eval(), processor
 
 
