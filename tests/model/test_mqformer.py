@@ -10,17 +10,6 @@ from model.mqformer import query_counts
 from model.queries import QUERY_TYPES
 from model.text import HashedBagOfWords
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core box OpenMP spin-waiting made 2 threads ~50x
-    slower than 1 for these tiny tensors."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TEXTS = [["a photo of a cat.", "a photo of a dog."], ["the red car on the left"],
          ["sky", "a photo of a cat.", "road"]]
 

@@ -7,7 +7,6 @@ The test (seed 0) asks for > 0.8 after 60 steps, < 0.3 before, and the loss belo
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 from model.build import build_mqformer
@@ -19,16 +18,6 @@ from model.text import HashedBagOfWords
 SIZE = 128
 NAMES = ["square", "circle", "triangle"]
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core box OpenMP spin-waiting made 2 threads ~50x
-    slower than 1 for these tiny tensors."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _sample(seed: int):

@@ -11,17 +11,6 @@ from model.text import CLIPTextEncoder, HashedBagOfWords, build_text_encoder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core box OpenMP spin-waiting made 2 threads much
-    slower than 1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 PHRASES = ["a photo of a dog.", "a picture of a puppy.", "a red sports car on the road."]
 
 

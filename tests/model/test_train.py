@@ -17,16 +17,6 @@ from schemas import SCHEMA_VERSION
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core box OpenMP spin-waiting made 2 threads ~50x
-    slower than 1 for these tiny tensors."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class FakeLoader:
     """Endless batches of 2 images with 1-2 random rectangles labelled "a photo of a box." or
     "a photo of a bar."; stands in for model.data.MixtureLoader (same batch and state API)."""
