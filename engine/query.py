@@ -10,21 +10,19 @@ from pathlib import Path
 
 import duckdb
 
+from schemas.runs import Run, open_run
+
 FORMATS = ("table", "csv", "json")
 
 
-def connect(out: Path) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views of output folder `out` registered."""
-    out = Path(out)
-    for table in ("images", "objects"):
-        if not any((out / table).glob("part-*.parquet")):
-            raise FileNotFoundError(
-                f"{out / table}: no part-*.parquet files (is {out} an output folder?)"
-            )
+def connect(out: Path | Run) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views of run `out` registered: exactly the part files its
+    manifest lists (schemas.runs), never a glob of the folder."""
+    run = out if isinstance(out, Run) else open_run(Path(out))
     con = duckdb.connect()
     for table in ("images", "objects"):
-        pattern = str(out / table / "part-*.parquet").replace("'", "''")
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}')")
+        files = ", ".join("'" + f.replace("'", "''") + "'" for f in run.files(table))
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}])")
     con.execute(
         "CREATE VIEW captions AS SELECT object_id, image_id, category, status, keep, "
         "c.text AS text, c.provenance AS provenance, c.score AS score "

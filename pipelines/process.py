@@ -21,7 +21,7 @@ from pipelines.images import load_image
 from pipelines.maskers import Masker
 from pipelines.quality import QualityConfig, decide, measure
 from pipelines.records import ImageRecord, SourceObject
-from schemas import FILTERED, GT, KEPT, REJECTED
+from schemas import FILTERED, GT, IMAGE_STATUS_CODES, KEPT, REJECTED
 from schemas import masks as rle
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ def _as_float(v) -> float | None:
         return None
 
 
-def reject(row: dict, reason: str) -> dict:
-    return {**row, "status": REJECTED, "keep": False, "reject_reason": reason}
+def reject(row: dict, code: str, reason: str) -> dict:
+    """The row as rejected input: `code` from schemas.REJECT_CODES, `reason` the detail."""
+    return {**row, "status": REJECTED, "keep": False, "reject_code": code, "reject_reason": reason}
 
 
 def image_row(
@@ -132,11 +133,13 @@ def process_image(
     rows = [base_row(ctx, image_id, obj) for obj in record.objects]
     if record.error:
         img = image_row(ctx, record, image_id, record.error_status, record.error, None, None)
-        return img, [reject(r, f"image {record.error_status}: {record.error}") for r in rows]
+        code = IMAGE_STATUS_CODES[record.error_status]
+        return img, [reject(r, code, f"image {record.error_status}: {record.error}") for r in rows]
     loaded = load_image(ctx.root, record.file, record.width, record.height)
     if loaded.pixels is None:
         img = image_row(ctx, record, image_id, loaded.status, loaded.error, loaded.sha256, None)
-        return img, [reject(r, f"image {loaded.status}: {loaded.error}") for r in rows]
+        code = IMAGE_STATUS_CODES[loaded.status]
+        return img, [reject(r, code, f"image {loaded.status}: {loaded.error}") for r in rows]
     height, width = loaded.pixels.shape[:2]
     img = image_row(ctx, record, image_id, "ok", None, loaded.sha256, (width, height))
     try:
@@ -144,7 +147,8 @@ def process_image(
     except Exception as exc:  # a model failing on one image must not end the run
         log.warning("model call failed on %s: %s", image_id, exc, exc_info=True)
         img["error"] = f"model call failed: {type(exc).__name__}: {exc}"
-        rows = [reject(r, f"model call failed: {type(exc).__name__}: {exc}") for r in rows]
+        detail = f"model call failed: {type(exc).__name__}: {exc}"
+        rows = [reject(r, "model_error", detail) for r in rows]
     return img, rows
 
 
@@ -155,23 +159,25 @@ def check_objects(
     usable, seen = [], set()
     for i, (obj, row) in enumerate(zip(objects, rows, strict=True)):
         box, problem = clip_box(obj.box_raw, width, height)
-        problem = obj.error or problem  # the source's reason is the more specific one
+        code = "box_invalid" if problem else None
+        if obj.error:  # the source's reason is the more specific one
+            code, problem = obj.error_code or "annotation_invalid", obj.error
         if problem is None and not (obj.category or "").strip():
-            problem = "missing category"
+            code, problem = "category_missing", "missing category"
         if problem is None and row["object_id"] in seen:
-            problem = f"duplicate annotation id {obj.ann_id}"
+            code, problem = "duplicate_id", f"duplicate annotation id {obj.ann_id}"
         if (
             problem is None
             and obj.gt_mask is not None
             and (obj.gt_mask["height"] != height or obj.gt_mask["width"] != width)
         ):
-            problem = (
+            code, problem = "gt_mask_invalid", (
                 f"gt mask is {obj.gt_mask['width']}x{obj.gt_mask['height']}, "
                 f"image is {width}x{height}"
             )
         seen.add(row["object_id"])
         if problem:
-            rows[i] = reject(row, problem)
+            rows[i] = reject(row, code, problem)
         else:
             row["box"] = box
             usable.append(i)
@@ -191,11 +197,10 @@ def annotate_objects(
     if not usable:
         return rows
     to_mask = [j for j, i in enumerate(usable) if ctx.remask or objects[i].gt_mask is None]
-    masks, pred_iou, stability = gather_masks(
+    masks, pred_iou, stability, origins = gather_masks(
         pixels, [objects[i] for i in usable], [rows[i]["box"] for i in usable], to_mask, masker
     )
     encoded = rle.encode(masks)
-    synthesized = set(to_mask)
     for j, i in enumerate(usable):
         fill_mask_columns(
             rows[i],
@@ -203,7 +208,8 @@ def annotate_objects(
             encoded[j],
             float(pred_iou[j]),
             float(stability[j]),
-            masker.origin if j in synthesized else GT,
+            origins[j],
+            masker.origin,
             ctx.quality,
         )
     boxes = np.array([_xyxy(rows[i]["box"]) for i in usable], dtype=np.float64)
@@ -219,13 +225,15 @@ def gather_masks(
     boxes: list[list[float]],
     to_mask: list[int],
     masker: Masker,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(N, H, W) masks of the usable objects: ground truth decoded, except the `to_mask` indices,
-    which one masker call fills (with their scores; NaN elsewhere)."""
+    which one masker call fills (with their scores; NaN elsewhere), and each mask's origin (`gt`,
+    the masker's origin, or the substitute the masker names in MaskOutput.origins)."""
     height, width = pixels.shape[:2]
     masks = np.zeros((len(objects), height, width), dtype=bool)
     pred_iou = np.full(len(objects), np.nan, dtype=np.float32)
     stability = np.full(len(objects), np.nan, dtype=np.float32)
+    origins = [GT] * len(objects)
     from_gt = sorted(set(range(len(objects))) - set(to_mask))
     if from_gt:
         masks[from_gt] = rle.decode([objects[j].gt_mask for j in from_gt]).astype(bool)
@@ -233,7 +241,10 @@ def gather_masks(
         out = masker(pixels, np.array([_xyxy(boxes[j]) for j in to_mask], dtype=np.float64))
         masks[to_mask] = out.masks
         pred_iou[to_mask], stability[to_mask] = out.pred_iou, out.stability
-    return masks, pred_iou, stability
+        made = out.origins or [masker.origin] * len(to_mask)
+        for j, origin in zip(to_mask, made, strict=True):
+            origins[j] = origin
+    return masks, pred_iou, stability, origins
 
 
 def fill_mask_columns(
@@ -243,10 +254,18 @@ def fill_mask_columns(
     pred_iou: float,
     stability: float,
     origin: str,
+    masker_origin: str,
     quality_cfg: QualityConfig,
 ) -> None:
+    """Scores and status of one mask. Ground truth is never filtered; a substitute the masker put
+    in place of its own output (origin differs from the masker's) is filtered as `mask_fallback`
+    unless the quality config keeps fallbacks, so it never passes as the method's output."""
     q = measure(mask, row["box"])
-    reason = decide(q, pred_iou, stability, quality_cfg) if origin != GT else None
+    failed = decide(q, pred_iou, stability, quality_cfg) if origin != GT else None
+    if origin not in (GT, masker_origin) and not quality_cfg.keep_fallback:
+        detail = f"the masker substituted {origin!r} for its own output"
+        failed = ("mask_fallback", f"{detail}; {failed[1]}" if failed else detail)
+    code, reason = failed or (None, None)
     row.update(
         mask=encoded,
         mask_origin=origin,
@@ -259,6 +278,7 @@ def fill_mask_columns(
         n_components=q.n_components,
         status=FILTERED if reason else KEPT,
         keep=reason is None,
+        reject_code=code,
         reject_reason=reason,
     )
 

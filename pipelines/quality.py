@@ -22,6 +22,8 @@ class QualityConfig:
     max_components: most connected components allowed (0 = no limit).
     min_pred_iou, min_stability: model scores (SA-1B practice: 0.88, 0.95); skipped when the masker
         has no such score (NaN).
+    keep_fallback: keep (still labelled in mask_origin) the substitute a masker puts in place of an
+        output that failed, e.g. grabcut's inscribed ellipse; filtered as mask_fallback by default.
     """
 
     min_box_iou: float = 0.5
@@ -29,6 +31,7 @@ class QualityConfig:
     max_components: int = 0
     min_pred_iou: float = 0.88
     min_stability: float = 0.95
+    keep_fallback: bool = False  # keep masks a method substituted for its failed output
 
     def __post_init__(self) -> None:
         for name in ("min_box_iou", "min_box_fill", "min_pred_iou", "min_stability"):
@@ -90,19 +93,26 @@ def measure(mask: np.ndarray, box_xywh: list[float]) -> MaskQuality:
     )
 
 
-def decide(q: MaskQuality, pred_iou: float, stability: float, cfg: QualityConfig) -> str | None:
-    """None if the mask passes every threshold, else the reasons it failed, joined by '; '."""
-    reasons = []
+def decide(
+    q: MaskQuality, pred_iou: float, stability: float, cfg: QualityConfig
+) -> tuple[str, str] | None:
+    """None if the mask passes every threshold, else (reject_code of the first failure, every
+    failure as text joined by '; ')."""
+    failed = []
     if q.area == 0:
-        reasons.append("empty mask")
+        failed.append(("empty_mask", "empty mask"))
     if q.box_iou < cfg.min_box_iou:
-        reasons.append(f"box_iou {q.box_iou:.3f} < {cfg.min_box_iou}")
+        failed.append(("low_box_iou", f"box_iou {q.box_iou:.3f} < {cfg.min_box_iou}"))
     if q.box_fill < cfg.min_box_fill:
-        reasons.append(f"box_fill {q.box_fill:.3f} < {cfg.min_box_fill}")
+        failed.append(("low_box_fill", f"box_fill {q.box_fill:.3f} < {cfg.min_box_fill}"))
     if cfg.max_components and q.n_components > cfg.max_components:
-        reasons.append(f"n_components {q.n_components} > {cfg.max_components}")
+        failed.append(
+            ("too_many_components", f"n_components {q.n_components} > {cfg.max_components}")
+        )
     if not math.isnan(pred_iou) and pred_iou < cfg.min_pred_iou:
-        reasons.append(f"pred_iou {pred_iou:.3f} < {cfg.min_pred_iou}")
+        failed.append(("low_pred_iou", f"pred_iou {pred_iou:.3f} < {cfg.min_pred_iou}"))
     if not math.isnan(stability) and stability < cfg.min_stability:
-        reasons.append(f"stability {stability:.3f} < {cfg.min_stability}")
-    return "; ".join(reasons) or None
+        failed.append(("low_stability", f"stability {stability:.3f} < {cfg.min_stability}"))
+    if not failed:
+        return None
+    return failed[0][0], "; ".join(text for _, text in failed)

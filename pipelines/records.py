@@ -21,6 +21,7 @@ class SourceObject:
     gt_mask: a mask value of the contract ({counts, height, width}) when the source carries a mask.
     captions: ground-truth texts for this object (e.g. referring expressions), provenance `gt`.
     error: why this object cannot be used (unknown category id, bad box...), or None.
+    error_code: the schemas.REJECT_CODES code for `error` (annotation_invalid when not given).
     """
 
     ann_id: str
@@ -33,6 +34,7 @@ class SourceObject:
     gt_mask: dict | None = None
     captions: list[str] = field(default_factory=list)
     error: str | None = None
+    error_code: str | None = None
 
 
 @dataclass

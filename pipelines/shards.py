@@ -30,10 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import SCHEMA_VERSION, validate
+from schemas.runs import MANIFEST, TABLE_NAMES, UNIT_LOG, read_unit_log
 
-TABLE_NAMES = ("images", "objects")
-MANIFEST = "manifest.json"
-UNIT_LOG = "_units.jsonl"  # one line per finished unit: the resume marker, appended durably
+__all__ = ["MANIFEST", "TABLE_NAMES", "UNIT_LOG", "Manifest", "read_unit_log", "write_unit"]
 SAVE_EVERY_S = 2.0
 # Objects rows are small (no pixels), so large row groups are fine for scans; see reference notes.
 ROW_GROUP_ROWS = 64 * 1024
@@ -141,21 +140,6 @@ class Manifest:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.data, self.out / MANIFEST)
         self.last_save = time.monotonic()
-
-
-def read_unit_log(path: Path) -> dict[str, dict]:
-    """Entries of the unit log; a torn last line (a kill mid-append) is ignored: its unit is
-    simply not done."""
-    units: dict[str, dict] = {}
-    if not path.exists():
-        return units
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        units[record["unit"]] = record["entry"]
-    return units
 
 
 def write_unit(out: Path, unit: int, images: pa.Table, objects: pa.Table) -> dict:

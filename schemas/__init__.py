@@ -3,9 +3,11 @@
 from schemas.annotations import (
     FILTERED,
     GT,
+    IMAGE_STATUS_CODES,
     IMAGES_SCHEMA,
     KEPT,
     OBJECTS_SCHEMA,
+    REJECT_CODES,
     REJECTED,
     SCHEMA_VERSION,
     SchemaError,
@@ -18,9 +20,11 @@ from schemas.annotations import (
 __all__ = [
     "FILTERED",
     "GT",
+    "IMAGE_STATUS_CODES",
     "IMAGES_SCHEMA",
     "KEPT",
     "OBJECTS_SCHEMA",
+    "REJECT_CODES",
     "REJECTED",
     "SCHEMA_VERSION",
     "SchemaError",

@@ -9,8 +9,10 @@ Conventions (the short version; the field table has the rest):
   to xywh.
 - Masks are COCO compressed RLE made by pycocotools (column-major), with the size stored
   explicitly as `height`, `width`.
-- `status` is one of `kept`, `filtered` (a quality threshold failed: `reject_reason` says which), or
-  `rejected` (bad input: `reject_reason` says why). `keep` is `status == 'kept'`.
+- `status` is one of `kept`, `filtered` (a quality threshold failed), or `rejected` (bad input or a
+  failed model call). `keep` is `status == 'kept'`. Every non-kept row has a `reject_code` from
+  REJECT_CODES (groupable) and a free-text `reject_reason` (the values, paths and every failed
+  threshold).
 - Provenance: `mask_origin` is `gt` for source masks, else the producing method and model
   (`grabcut`, `box`, `sam:vit_h`, `hf-sam:<folder>`); each caption carries its own provenance.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"  # 1.1: objects.reject_code
 METADATA_KEY = b"mqengine.schema_version"
 
 # Values of `objects.status` and `images.status`.
@@ -36,6 +38,41 @@ IMAGE_STATUSES = (
     "invalid",
 )
 GT = "gt"
+
+# `objects.reject_code`: one code per non-kept row (the first reason when several apply; the detail
+# text lists all of them). docs/schema.md repeats this table; a test keeps the two in step.
+REJECT_CODES = {
+    # rejected: the input cannot be used
+    "image_missing": "the image file does not exist or cannot be read",
+    "image_corrupt": "the image bytes do not decode (or are a decompression bomb)",
+    "unsafe_path": "the image path escapes the dataset root, or is not a regular file",
+    "size_mismatch": "the annotated width/height differ from the pixels",
+    "image_invalid": "the image record is unusable (e.g. annotations name an unknown image)",
+    "duplicate_id": "a repeated image id or annotation id (the first occurrence is used)",
+    "box_invalid": "the box is not 4 finite numbers with positive size inside the image",
+    "category_unknown": "the category id is not in the annotation file's categories",
+    "category_missing": "the object has no category",
+    "gt_mask_invalid": "the source's polygon or RLE is malformed or does not fit the image",
+    "annotation_invalid": "another problem with the annotation (the detail says which)",
+    "model_error": "the masker or captioner raised on this image",
+    # filtered: a synthesized mask failed a quality threshold (scores are kept)
+    "empty_mask": "the mask has no pixels",
+    "mask_fallback": "the method failed and a substitute (box or ellipse) was put in its place",
+    "low_box_iou": "IoU of the mask's tight box with the prompt box below --min-box-iou",
+    "low_box_fill": "mask area / box area below --min-box-fill",
+    "too_many_components": "more connected components than --max-components",
+    "low_pred_iou": "the model's predicted IoU below --min-pred-iou",
+    "low_stability": "the stability score below --min-stability",
+}
+# images.status -> the reject_code its objects get
+IMAGE_STATUS_CODES = {
+    "missing": "image_missing",
+    "corrupt": "image_corrupt",
+    "unsafe_path": "unsafe_path",
+    "duplicate": "duplicate_id",
+    "size_mismatch": "size_mismatch",
+    "invalid": "image_invalid",
+}
 
 MASK_TYPE = pa.struct(
     [
@@ -94,6 +131,7 @@ OBJECTS_SCHEMA = pa.schema(
         pa.field("n_components", pa.int32()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("keep", pa.bool_(), nullable=False),
+        pa.field("reject_code", pa.string()),
         pa.field("reject_reason", pa.string()),
         pa.field("captions", pa.list_(CAPTION_TYPE)),
         pa.field("run_id", pa.string(), nullable=False),
@@ -113,8 +151,12 @@ def empty_table(name: str) -> pa.Table:
 
 
 def table_from_rows(name: str, rows: list[dict]) -> pa.Table:
-    """Build a versioned table of `name` from row dicts; a missing key is a null."""
+    """Build a versioned table of `name` from row dicts; a missing key is a null, an unknown key
+    an error (a typo'd column must not silently become null)."""
     schema = with_version(TABLES[name])
+    unknown = {k for row in rows for k in row} - set(schema.names)
+    if unknown:
+        raise SchemaError(f"{name}: unknown columns {sorted(unknown)}")
     columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
     return pa.Table.from_pydict(columns, schema=schema)
 
@@ -160,6 +202,14 @@ def _validate_values(table: pa.Table, name: str) -> None:
         wrong = pc.and_(pc.is_valid(lengths), pc.not_equal(lengths, 4))
         if pc.any(wrong).as_py():
             raise SchemaError(f"objects.{col}: every box must have 4 numbers [x, y, w, h]")
+    codes = table.column("reject_code")
+    unknown = pc.invert(pc.is_in(codes, value_set=pa.array(list(REJECT_CODES))))
+    if pc.any(pc.and_(pc.is_valid(codes), unknown)).as_py():
+        first = codes.filter(pc.and_(pc.is_valid(codes), unknown))[0].as_py()
+        raise SchemaError(f"objects.reject_code: value {first!r} not in REJECT_CODES")
+    coded = pc.not_equal(pc.is_valid(codes), pc.equal(table.column("status"), KEPT))
+    if table.num_rows and not pc.all(coded).as_py():
+        raise SchemaError("objects.reject_code: required exactly when status != 'kept'")
     keep_matches = pc.equal(table.column("keep"), pc.equal(table.column("status"), KEPT))
-    if not pc.all(keep_matches).as_py():
+    if table.num_rows and not pc.all(keep_matches).as_py():
         raise SchemaError("objects.keep: must equal (status == 'kept')")

@@ -8,6 +8,8 @@ Contract of a masker call:
     h > 0.
     MaskOutput.masks: (N, H, W) bool, one mask per box, full image resolution.
     MaskOutput.pred_iou / .stability: (N,) float32, NaN where the method has no such score.
+    MaskOutput.origins: None when every mask is the method's own output, else one provenance per
+        mask; a substitute is named as such, e.g. "grabcut+ellipse-fallback" (never masker.origin).
 `masker.origin` is the provenance written to `mask_origin` (e.g. "grabcut", "sam:vit_h").
 
 `MASKERS` maps each `--masker` name to a builder taking a MaskerConfig. Builders import lazily so
@@ -29,11 +31,12 @@ class MaskOutput:
     masks: np.ndarray
     pred_iou: np.ndarray
     stability: np.ndarray
+    origins: list[str] | None = None
 
     @classmethod
-    def unscored(cls, masks: np.ndarray) -> MaskOutput:
+    def unscored(cls, masks: np.ndarray, origins: list[str] | None = None) -> MaskOutput:
         nan = np.full(len(masks), np.nan, dtype=np.float32)
-        return cls(masks=masks, pred_iou=nan, stability=nan.copy())
+        return cls(masks=masks, pred_iou=nan, stability=nan.copy(), origins=origins)
 
 
 class Masker(Protocol):

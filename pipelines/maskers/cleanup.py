@@ -57,12 +57,22 @@ def guard_collapse(
     part spans little of the box. A thin object lying across its box (a pencil on the diagonal)
     fills little but spans it all, and is kept.
     """
-    if mask.size == 0:
-        return mask.astype(bool)
-    fill = float(mask.mean())
-    if fill > max_fill or (fill < min_fill and main_part_extent(mask) < min_extent):
+    if collapsed(mask, min_fill, max_fill, min_extent):
         return inscribed_ellipse(*mask.shape)
     return mask.astype(bool)
+
+
+def collapsed(
+    mask: np.ndarray,
+    min_fill: float = MIN_FILL,
+    max_fill: float = MAX_FILL,
+    min_extent: float = MIN_EXTENT,
+) -> bool:
+    """Whether `guard_collapse` would replace this (h, w) box mask by the ellipse."""
+    if mask.size == 0:
+        return False
+    fill = float(mask.mean())
+    return fill > max_fill or (fill < min_fill and main_part_extent(mask) < min_extent)
 
 
 def _local_mean(img: np.ndarray, weight: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:

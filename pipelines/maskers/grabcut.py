@@ -29,10 +29,14 @@ import cv2
 import numpy as np
 
 from pipelines.maskers import MaskOutput
-from pipelines.maskers.cleanup import guard_collapse, refine_edges, resolve_overlaps
+from pipelines.maskers.cleanup import collapsed, inscribed_ellipse, refine_edges, resolve_overlaps
 
 log = logging.getLogger(__name__)
 SEED = 0
+# Names of the substitutes, appended to the masker's origin ("grabcut+ellipse-fallback") so a mask
+# GrabCut did not make is never labelled as GrabCut's.
+BOX_FALLBACK = "box-fallback"  # box too small for colour models, or cv2.grabCut raised
+ELLIPSE_FALLBACK = "ellipse-fallback"  # GrabCut collapsed (specks, or the whole box)
 
 
 def pixel_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
@@ -57,11 +61,23 @@ def grabcut_box(
     No clean-up: this is the baseline the benchmark compares against. `margin` is the padding on
     each side as a fraction of the box's width/height.
     """
+    return grabcut_box_or_fallback(image, box, iterations, margin, max_side)[0]
+
+
+def grabcut_box_or_fallback(
+    image: np.ndarray,
+    box: np.ndarray,
+    iterations: int = 3,
+    margin: float = 0.15,
+    max_side: int = 256,
+) -> tuple[np.ndarray, str | None]:
+    """`grabcut_box`, plus the name of the substitute used when GrabCut could not run (None when
+    the mask is GrabCut's)."""
     height, width = image.shape[:2]
     c0, r0, c1, r1 = pixel_box(box, height, width)
     bw, bh = c1 - c0, r1 - r0
     if bw < 3 or bh < 3:  # too small for a colour model: the box is the best guess
-        return np.ones((bh, bw), bool)
+        return np.ones((bh, bw), bool), BOX_FALLBACK
     pc0, pr0 = max(c0 - int(np.ceil(margin * bw)), 0), max(r0 - int(np.ceil(margin * bh)), 0)
     pc1, pr1 = (
         min(c1 + int(np.ceil(margin * bw)), width),
@@ -86,7 +102,7 @@ def grabcut_box(
         gc[[0, -1], :] = cv2.GC_PR_BGD
         gc[:, [0, -1]] = cv2.GC_PR_BGD
     if (bc1 - bc0) < 2 or (br1 - br0) < 2:
-        return np.ones((bh, bw), bool)
+        return np.ones((bh, bw), bool), BOX_FALLBACK
     cv2.setRNGSeed(SEED)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR)
@@ -94,11 +110,11 @@ def grabcut_box(
         cv2.grabCut(bgr, gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     except cv2.error as e:  # e.g. too few samples for a colour model: the box is the best guess
         log.debug("grabcut failed on box %s: %s", box.tolist(), e)
-        return np.ones((bh, bw), bool)
+        return np.ones((bh, bw), bool), BOX_FALLBACK
     fg = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)).astype(np.float32)
     if scale < 1.0:
         fg = cv2.resize(fg, (pc1 - pc0, pr1 - pr0), interpolation=cv2.INTER_LINEAR)
-    return fg[r0 - pr0 : r1 - pr0, c0 - pc0 : c1 - pc0] >= 0.5
+    return fg[r0 - pr0 : r1 - pr0, c0 - pc0 : c1 - pc0] >= 0.5, None
 
 
 def _paste(height: int, width: int, box: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
@@ -120,6 +136,19 @@ def grabcut_masks(
 
     clean=False is plain GrabCut (the baseline); clean=True adds the steps of `cleanup.py`.
     """
+    return grabcut_masks_with_fallbacks(image, boxes, iterations, clean, margin, max_side)[0]
+
+
+def grabcut_masks_with_fallbacks(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    iterations: int = 3,
+    clean: bool = True,
+    margin: float = 0.15,
+    max_side: int = 256,
+) -> tuple[np.ndarray, list[str | None]]:
+    """`grabcut_masks`, plus per box the substitute used in place of GrabCut's output (None when
+    the mask is GrabCut's own)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
             f"grabcut expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}"
@@ -127,13 +156,17 @@ def grabcut_masks(
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     height, width = image.shape[:2]
     masks = np.zeros((len(boxes), height, width), bool)
+    fallbacks: list[str | None] = []
     for i, box in enumerate(boxes):
-        box_mask = grabcut_box(image, box, iterations, margin, max_side)
-        if clean:
+        box_mask, fallback = grabcut_box_or_fallback(image, box, iterations, margin, max_side)
+        if clean and fallback is None:
             c0, r0, c1, r1 = pixel_box(box, height, width)
-            box_mask = guard_collapse(refine_edges(box_mask, image[r0:r1, c0:c1]))
+            box_mask = refine_edges(box_mask, image[r0:r1, c0:c1])
+            if collapsed(box_mask):
+                box_mask, fallback = inscribed_ellipse(*box_mask.shape), ELLIPSE_FALLBACK
+        fallbacks.append(fallback)
         masks[i] = _paste(height, width, box, box_mask)
-    return resolve_overlaps(masks) if clean else masks
+    return (resolve_overlaps(masks) if clean else masks), fallbacks
 
 
 class GrabCutMasker:
@@ -147,4 +180,8 @@ class GrabCutMasker:
         self.origin = "grabcut" if clean else "grabcut:plain"
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> MaskOutput:
-        return MaskOutput.unscored(grabcut_masks(image, boxes, self.iterations, self.clean))
+        masks, fallbacks = grabcut_masks_with_fallbacks(image, boxes, self.iterations, self.clean)
+        if not any(fallbacks):
+            return MaskOutput.unscored(masks)
+        origins = [self.origin if f is None else f"{self.origin}+{f}" for f in fallbacks]
+        return MaskOutput.unscored(masks, origins)

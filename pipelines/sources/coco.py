@@ -121,16 +121,22 @@ class CocoSource:
     def _object(self, ann: dict, categories: dict, texts: dict,
                 record: ImageRecord) -> SourceObject:
         cid = ann["category_id"]
-        errors = [ann["error"]] if ann["error"] else []
+        errors, codes = [], []  # codes[0] becomes the object's reject_code
+        if ann["error"]:  # scan time: a malformed bbox or category_id
+            errors.append(ann["error"])
+            codes.append("box_invalid" if ann["error"].startswith("bbox") else "annotation_invalid")
         if cid is not None and cid not in categories:
             errors.append(f"unknown category id {cid}")
+            codes.append("category_unknown")
         if ann["duplicate"]:
             errors.append(f"duplicate annotation id {ann['ann_key']}")
+            codes.append("duplicate_id")
         mask = None
         if ann["segmentation"] is not None:
             mask, seg_error = _mask(ann["segmentation"], record.height, record.width)
             if seg_error:
                 errors.append(seg_error)
+                codes.append("gt_mask_invalid")
         return SourceObject(
             ann_id=ann["ann_key"],
             category=texts.get(cid),
@@ -141,6 +147,7 @@ class CocoSource:
             attributes=_attributes(ann["attributes"]),
             gt_mask=mask,
             error="; ".join(errors) or None,
+            error_code=codes[0] if codes else None,
         )
 
 

@@ -72,7 +72,8 @@ def test_decide_names_every_failed_threshold():
     mask = np.zeros((40, 40), bool)
     mask[0:2, 0:2] = True
     q = measure(mask, [0.0, 0.0, 30.0, 30.0])
-    reason = decide(q, 0.5, float("nan"), QualityConfig(max_components=1))
+    code, reason = decide(q, 0.5, float("nan"), QualityConfig(max_components=1))
+    assert code == "low_box_iou"  # the first failure; the text lists all of them
     assert "box_iou" in reason and "box_fill" in reason and "pred_iou 0.500 < 0.88" in reason
     assert "stability" not in reason  # no score, no verdict
     assert (
@@ -108,6 +109,10 @@ def test_unit_counts_add_up_and_bad_records_become_rejections(tmp_path):
         "outside the 128x96 image",
     ):
         assert any(needle in r for r in reasons), needle
+    codes = sorted(o["reject_code"] for o in by_status["rejected"])
+    assert codes == sorted(
+        ["image_missing", "image_corrupt", "unsafe_path", "category_unknown"] + ["box_invalid"] * 3
+    ), codes
     assert {i["status"] for i in images} == {"ok", "missing", "corrupt", "unsafe_path"}
     assert [o["image_id"] for o in objects] == sorted(o["image_id"] for o in objects)
     for o in by_status["kept"]:

@@ -9,7 +9,7 @@ from pycocotools import mask as mask_utils
 
 from schemas import OBJECTS_SCHEMA, SCHEMA_VERSION, SchemaError, table_from_rows, validate
 from schemas import masks as rle
-from schemas.annotations import IMAGES_SCHEMA, METADATA_KEY
+from schemas.annotations import IMAGES_SCHEMA, METADATA_KEY, REJECT_CODES
 
 DOCS = Path(__file__).parents[2] / "docs" / "schema.md"
 
@@ -59,7 +59,8 @@ def test_validate_names_the_broken_column():
     with pytest.raises(SchemaError, match="objects.box: every box must have 4"):
         validate(table_from_rows("objects", [object_row(box=[1.0, 2.0])]), "objects")
     with pytest.raises(SchemaError, match="keep"):
-        validate(table_from_rows("objects", [object_row(status="filtered")]), "objects")
+        bad = object_row(status="filtered", reject_code="low_box_iou")
+        validate(table_from_rows("objects", [bad]), "objects")
     with pytest.raises(SchemaError, match="nulls"):
         validate(table_from_rows("objects", [object_row(run_id=None)]), "objects")
 
@@ -101,3 +102,33 @@ def test_polygons_rasterise_like_pycocotools():
     np.testing.assert_array_equal(rle.decode([value])[0], mask_utils.decode(ref))
     uncompressed = {"size": [4, 5], "counts": [3, 4, 13]}
     assert rle.decode([rle.from_segmentation(uncompressed, 4, 5)])[0].sum() == 4
+
+
+def test_reject_code_is_required_exactly_on_non_kept_rows():
+    ok = object_row(status="filtered", keep=False, reject_code="low_box_iou", reject_reason="x")
+    validate(table_from_rows("objects", [ok]), "objects")
+    with pytest.raises(SchemaError, match="reject_code"):
+        validate(table_from_rows("objects", [object_row(status="filtered", keep=False)]), "objects")
+    with pytest.raises(SchemaError, match="reject_code"):
+        validate(table_from_rows("objects", [object_row(reject_code="low_box_iou")]), "objects")
+    with pytest.raises(SchemaError, match="'no_such_code'"):
+        bad = object_row(status="rejected", keep=False, reject_code="no_such_code")
+        validate(table_from_rows("objects", [bad]), "objects")
+
+
+def test_an_empty_unit_validates():
+    # A unit whose images have no annotations: its objects table is empty and must still validate
+    # (before, `pc.all` of nothing was null and every rerun failed on "objects.keep").
+    validate(table_from_rows("objects", []), "objects")
+    validate(table_from_rows("images", []), "images")
+
+
+def test_unknown_row_keys_are_an_error_not_a_null_column():
+    with pytest.raises(SchemaError, match="reject_reasn"):
+        table_from_rows("objects", [object_row(reject_reasn="typo")])
+
+
+def test_reject_codes_are_documented():
+    section = DOCS.read_text().split("## Reject codes", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+    assert documented == list(REJECT_CODES)
