@@ -196,7 +196,7 @@ def _run_with_progress(cfg: SynthesizeConfig):
             rate = f"{seen['images'] / dt:.1f} images/s, {seen['objects'] / dt:.1f} objects/s"
             progress.update(task, advance=1, rate=rate)
 
-        def started(total: int, done: int) -> None:
+        def started(total: int, done: int, *_images: int) -> None:
             progress.update(task, total=total, completed=done, rate="starting workers...")
 
         return run(cfg, on_unit=on_unit, on_start=started)

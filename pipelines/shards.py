@@ -18,10 +18,12 @@ and no holes: a half-written file only ever exists under a temporary name.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,20 +58,48 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _tmp_name(path: Path) -> Path:
+    # The one temporary naming of the engine (pipelines/outdir.py removes exactly these).
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def _cleaned_on_failure(tmp: Path, final: Path):
+    """Remove `tmp` when writing fails; a full disk becomes one line naming the file."""
+    try:
+        yield
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (
+            exc.errno == errno.ENOSPC or "No space left" in str(exc)
+        ):
+            raise DiskFullError(
+                f"{final}: no space left on device; free some space and rerun the same command "
+                "(the run resumes where it stopped)"
+            ) from None
+        raise
+
+
+class DiskFullError(ValueError):
+    """Writing a run's file failed for lack of space (a user-fixable condition)."""
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> str:
     """Write `table` to `path` via a temporary name + rename; return the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    digest = sha256_file(tmp)
-    _fsync_replace(tmp, path)
+    tmp = _tmp_name(path)
+    with _cleaned_on_failure(tmp, path):
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        digest = sha256_file(tmp)
+        _fsync_replace(tmp, path)
     return digest
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    _fsync_replace(tmp, path)
+    tmp = _tmp_name(path)
+    with _cleaned_on_failure(tmp, path):
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        _fsync_replace(tmp, path)
 
 
 @dataclass
@@ -104,14 +134,24 @@ class Manifest:
     def units(self) -> dict[str, dict]:
         return self.data["units"]
 
-    def done_units(self) -> set[int]:
-        """Units whose entry exists and whose files still match their recorded checksums."""
+    def done_units(self, check_inputs: bool = False) -> set[int]:
+        """Units whose entry exists and whose files still match their recorded checksums; with
+        `check_inputs`, also whose input images are unchanged (same stat digest as when the unit
+        was written), so an image edited between a kill and its resume is redone."""
         done = set()
+        root = Path(self.data.get("source", {}).get("root") or self.out)
         for key, entry in self.units.items():
             files = [self.out / entry[f"{t}_file"] for t in TABLE_NAMES]
             sums = [entry[f"{t}_sha256"] for t in TABLE_NAMES]
-            if all(f.exists() and sha256_file(f) == s for f, s in zip(files, sums, strict=True)):
-                done.add(int(key))
+            intact = (f.exists() and sha256_file(f) == s for f, s in zip(files, sums, strict=True))
+            if not all(intact):
+                continue
+            recorded = entry.get("inputs_digest")
+            if check_inputs and recorded is not None:
+                paths = pq.read_table(files[0], columns=["file_path"]).column(0).to_pylist()
+                if images_digest(root, paths) != recorded:
+                    continue
+            done.add(int(key))
         return done
 
     def record_unit(self, unit: int, entry: dict) -> None:
@@ -142,9 +182,29 @@ class Manifest:
         self.last_save = time.monotonic()
 
 
-def write_unit(out: Path, unit: int, images: pa.Table, objects: pa.Table) -> dict:
+def images_digest(root: Path, paths: list[str]) -> str:
+    """SHA-256 over (path, size, mtime) of a unit's images under `root`: cheap (a stat per image)
+    and it changes when an image is replaced, edited, removed or appears."""
+    from pipelines.images import resolve_inside
+
+    h = hashlib.sha256()
+    for rel in paths:
+        path = resolve_inside(root, rel) if rel else None
+        try:
+            st = os.stat(path) if path is not None else None
+            stamp = f"{st.st_size}:{st.st_mtime_ns}" if st else "unsafe"
+        except (OSError, ValueError):
+            stamp = "absent"
+        h.update(f"{rel}\0{stamp}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def write_unit(
+    out: Path, unit: int, images: pa.Table, objects: pa.Table, root: Path | None = None
+) -> dict:
     """Validate and write both tables of `unit`; return its manifest entry (written by the caller
-    after this returns, which is what makes the entry the completion marker)."""
+    after this returns, which is what makes the entry the completion marker). With the image
+    `root`, the entry also records `images_digest` of the unit's images (see done_units)."""
     validate(images, "images")
     validate(objects, "objects")
     entry: dict = {}
@@ -153,6 +213,8 @@ def write_unit(out: Path, unit: int, images: pa.Table, objects: pa.Table) -> dic
         entry[f"{name}_file"] = rel
         entry[f"{name}_sha256"] = write_table_atomic(table, out / rel)
     entry["counts"] = unit_counts(images, objects)
+    if root is not None:
+        entry["inputs_digest"] = images_digest(root, images.column("file_path").to_pylist())
     return entry
 
 

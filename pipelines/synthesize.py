@@ -12,21 +12,31 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipelines.captioners import CAPTIONERS, Captioner, CaptionerConfig, build_captioner
 from pipelines.maskers import MASKERS, Masker, MaskerConfig, build_masker
+from pipelines.outdir import (
+    OutputLock,
+    check_no_overlap,
+    claim,
+    clear_run,
+    release_claim,
+    remove_temp_files,
+)
 from pipelines.plan import open_plan, write_plan
 from pipelines.process import UnitContext
 from pipelines.quality import QualityConfig
 from pipelines.registry import resolve
-from pipelines.shards import MANIFEST, UNIT_LOG, Manifest, write_unit
+from pipelines.shards import UNIT_LOG, Manifest, write_unit
 from pipelines.sources import SOURCES, SourceConfig, open_source
 from pipelines.stages import UnitWorker, WorkerSpec
 
@@ -44,7 +54,7 @@ class SynthesizeConfig:
     masker: MaskerConfig = field(default_factory=MaskerConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
-    unit_size: int = 64
+    unit_size: int | None = None  # None: chosen from the input size (auto_unit_size)
     limit: int | None = None
     remask: bool = False
     executor: str = "ray"
@@ -63,7 +73,7 @@ class SynthesizeConfig:
             raise ValueError(
                 f"unknown executor {self.executor!r}; choose one of: {', '.join(EXECUTORS)}"
             )
-        if self.unit_size < 1:
+        if self.unit_size is not None and self.unit_size < 1:
             raise ValueError(f"--unit-size must be >= 1, got {self.unit_size}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
@@ -114,7 +124,7 @@ def resolved_config(cfg: SynthesizeConfig, source) -> dict:
         "masker": _jsonable(cfg.masker),
         "captioner": _jsonable(cfg.captioner),
         "quality": _jsonable(cfg.quality),
-        "unit_size": cfg.unit_size,
+        "unit_size": cfg.unit_size if cfg.unit_size is not None else "auto",
         "limit": cfg.limit,
         "remask": cfg.remask,
     }
@@ -133,57 +143,148 @@ def code_version() -> str:
         return "unknown"
 
 
-def _clear_output(out: Path) -> None:
-    for name in ("images", "objects", "_plan"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    (out / UNIT_LOG).unlink(missing_ok=True)
+def input_files(source) -> list[Path]:
+    """The annotation files a run reads (their content enters the fingerprint)."""
+    path = getattr(source, "annotation_file", None)
+    if path is None:
+        return []
+    path = Path(path)
+    if path.is_dir():  # a `datasets` folder or a folder of Parquet files
+        return sorted(p for p in path.rglob("*") if p.suffix in (".arrow", ".parquet", ".json"))
+    return [path]
 
 
-def _remove_partial_files(out: Path) -> None:
-    """Temporary files of a killed run (never referenced by the manifest)."""
-    for name in ("images", "objects"):
-        for tmp in (out / name).glob(".part-*.tmp-*"):
-            tmp.unlink(missing_ok=True)
+def input_fingerprint(files: list[Path], previous: dict | None = None) -> dict:
+    """{path: {size, sha256}} of the annotation files, and their mtimes apart (`mtime_ns`): a file
+    whose path, size and mtime match `previous` (the manifest's record) keeps its recorded sha256
+    instead of being hashed again, so resuming a run over a 5 GB file costs a stat, not a read."""
+    from pipelines.shards import sha256_file
+
+    previous = previous or {}
+    digests, mtimes = {}, {}
+    for path in files:
+        st = path.stat()
+        old = (previous.get("files") or {}).get(str(path))
+        same = old and old.get("size") == st.st_size
+        same = same and (previous.get("mtime_ns") or {}).get(str(path)) == st.st_mtime_ns
+        digests[str(path)] = {
+            "size": st.st_size,
+            "sha256": old["sha256"] if same else sha256_file(path),
+        }
+        mtimes[str(path)] = st.st_mtime_ns
+    return {"files": digests, "mtime_ns": mtimes}
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configurations."""
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _changed_message(out: Path, old: dict, new: dict) -> str:
+    """Name what differs between the run in `out` (resolved config `old`) and this one."""
+    old_files, new_files = old.get("inputs") or {}, new.get("inputs") or {}
+    files = sorted(p for p in {*old_files, *new_files} if old_files.get(p) != new_files.get(p))
+    others = differences({k: v for k, v in old.items() if k != "inputs"},
+                         {k: v for k, v in new.items() if k != "inputs"})
+    what = []
+    if files:
+        what.append(f"the annotation file changed since that run started: {', '.join(files)}")
+    if others:
+        what.append("other settings: " + ", ".join(others[:6]))
+    detail = "; ".join(what) or "see its manifest"
+    return (
+        f"{out} holds a run with a different configuration ({detail}); "
+        "use another --out, or --overwrite to replace it"
+    )
+
+
+AUTO_UNITS = 16  # small inputs are cut into this many units, so up to 16 workers stay busy
+AUTO_UNIT_SIZE = 64  # the unit size of inputs of AUTO_UNITS * 64 images or more
+
+
+def auto_unit_size(records: Iterator) -> tuple[int, Iterator]:
+    """Pick the unit size from the input size alone (so a resume on another pool plans the same
+    units): peek at up to AUTO_UNITS * AUTO_UNIT_SIZE records; fewer than that are split into
+    AUTO_UNITS units. Returns the size and an iterator over all records (the peeked ones first)."""
+    it = iter(records)
+    head = list(islice(it, AUTO_UNITS * AUTO_UNIT_SIZE))
+    if len(head) < AUTO_UNITS * AUTO_UNIT_SIZE:
+        return max(1, math.ceil(len(head) / AUTO_UNITS)), iter(head)
+    return AUTO_UNIT_SIZE, chain(head, it)
+
+
+ROOT_PROBE = 16  # images of the plan checked for existence before any work
+
+
+def check_root(root: Path, plan_path: Path) -> None:
+    """Stop before any work when none of the plan's first images exists under `root` (a wrong
+    --root would otherwise run to the end with every object rejected)."""
+    from pipelines.images import resolve_inside
+    from pipelines.plan import read_unit
+
+    probed: list = []
+    for unit in range(min(ROOT_PROBE, pq.ParquetFile(plan_path).num_row_groups)):
+        probed += [r for r in read_unit(plan_path, unit) if not r.error]
+        if len(probed) >= ROOT_PROBE:
+            break
+    probed = probed[:ROOT_PROBE]
+    if not probed:
+        return
+    for record in probed:
+        path = resolve_inside(root, record.file)
+        if path is not None and path.is_file():
+            return
+    raise ValueError(
+        f"--root {root}: none of the first {len(probed)} images of the plan exist there "
+        f"(e.g. {root / probed[0].file} is missing); check --root"
+    )
+
+
+def _open_checked_source(cfg: SynthesizeConfig):
+    source = open_source(cfg.source)
+    root = Path(source.root)
+    if not root.exists():
+        raise FileNotFoundError(f"--root {root}: no such folder")
+    if not root.is_dir():
+        raise NotADirectoryError(f"--root {root}: not a folder")
+    check_no_overlap(
+        cfg.out, {"dataset root": root, "annotation file": getattr(source, "annotation_file", None)}
+    )
+    return source
 
 
 def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
-    """Open the source, make or reuse the plan and manifest; return what is left to do."""
-    source = open_source(cfg.source)
-    resolved = resolved_config(cfg, source)
-    fp = fingerprint(resolved)
+    """Open the source, make or reuse the plan and manifest; return what is left to do. Runs
+    under the output lock (see `run`)."""
+    source = _open_checked_source(cfg)
     manifest = Manifest.load(cfg.out)
+    old = manifest.data if manifest is not None else {}
+    resolved = resolved_config(cfg, source)
+    resolved["inputs"] = input_fingerprint(input_files(source), old.get("inputs"))["files"]
+    fp = fingerprint(resolved)
     if manifest is not None and manifest.data.get("fingerprint") != fp:
         if not cfg.overwrite:
-            raise ValueError(
-                f"{cfg.out} holds a run with a different configuration (see its {MANIFEST}); "
-                "use another --out, or --overwrite to replace it"
-            )
-        _clear_output(cfg.out)
+            raise ValueError(_changed_message(cfg.out, old.get("config", {}), resolved))
+        removed = clear_run(cfg.out, manifest.units)
+        log.warning("--overwrite: removed %d files of the earlier run in %s", removed, cfg.out)
         manifest = None
+    remove_temp_files(cfg.out)
     plan_path = cfg.out / "_plan" / "plan.parquet"
     plan = open_plan(plan_path, fp)
     if plan is None or manifest is None:
-        plan = write_plan(source.records(), plan_path, cfg.unit_size, fp, cfg.limit)
-        header = {
-            "fingerprint": fp,
-            "run_id": fp[:12],
-            "code_version": code_version(),
-            "source": resolved["source"],
-            "config": resolved,
-            "plan": {
-                "units": plan.num_units,
-                "images": plan.num_images,
-                "objects": plan.num_objects,
-            },
-        }
-        manifest = Manifest.create(cfg.out, header)
-        (cfg.out / UNIT_LOG).unlink(missing_ok=True)  # a new plan: earlier markers mean nothing
-        manifest.save()
-    _remove_partial_files(cfg.out)
-    done = manifest.done_units()
+        manifest = _new_plan(cfg, source, resolved, fp, plan_path)
+    done = manifest.done_units(check_inputs=True)
     for key in [k for k in manifest.units if int(k) not in done]:
-        log.warning("unit %s: files missing or changed since they were written; redoing it", key)
+        log.warning("unit %s: files or input images changed since they were written; redoing it",
+                    key)
         del manifest.units[key]
     manifest.data["totals"] = manifest.totals()
     ctx = UnitContext(
@@ -197,6 +298,39 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     spec = WorkerSpec(plan_path=plan_path, context=ctx, masker=cfg.masker, captioner=cfg.captioner)
     pending = [k for k in range(manifest.data["plan"]["units"]) if k not in done]
     return manifest, spec, pending
+
+
+def _new_plan(cfg: SynthesizeConfig, source, resolved: dict, fp: str, plan_path: Path) -> Manifest:
+    records = source.records()
+    if cfg.limit is not None:
+        records = islice(records, cfg.limit)
+    unit_size = cfg.unit_size
+    if unit_size is None:
+        unit_size, records = auto_unit_size(records)
+    plan = write_plan(records, plan_path, unit_size, fp)
+    try:
+        check_root(Path(resolved["source"]["root"]), plan_path)
+    except ValueError:
+        plan_path.unlink(missing_ok=True)
+        raise
+    header = {
+        "fingerprint": fp,
+        "run_id": fp[:12],
+        "code_version": code_version(),
+        "source": resolved["source"],
+        "config": resolved,
+        "inputs": input_fingerprint(input_files(source)),
+        "plan": {
+            "units": plan.num_units,
+            "images": plan.num_images,
+            "objects": plan.num_objects,
+            "unit_size": unit_size,
+        },
+    }
+    manifest = Manifest.create(cfg.out, header)
+    (cfg.out / UNIT_LOG).unlink(missing_ok=True)  # a new plan: earlier markers mean nothing
+    manifest.save()
+    return manifest
 
 
 Result = tuple[int, pa.Table, pa.Table]
@@ -225,16 +359,48 @@ def run_local(spec: WorkerSpec, pending: list[int], models: tuple) -> Iterator[R
 def run(
     cfg: SynthesizeConfig,
     on_unit: Callable[[dict], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    on_start: Callable[..., None] | None = None,
 ) -> RunSummary:
-    """Run (or resume) a synthesis. `on_start(units_total, units_done)` is called once planning is
-    done; `on_unit(entry)` after each unit is recorded in the manifest."""
+    """Run (or resume) a synthesis under the output folder's lock (pipelines/outdir.py).
+    `on_start(units_total, units_done, images_total, images_done)` is called once planning is done;
+    `on_unit(entry)` after each unit is recorded in the manifest.
+
+    On any failure (a bad flag found late, a full disk, Ctrl-C) the run's temporary files are
+    removed, and a folder this run created is removed again if nothing was recorded in it."""
+    out = Path(cfg.out)
+    src = cfg.source
+    inputs = {"dataset root": src.root, "annotation file": src.annotations}
+    if src.root is None and src.annotations is not None:
+        inputs["annotation folder"] = Path(src.annotations).parent
+    check_no_overlap(out, inputs)
+    created = claim(out)
+    try:
+        lock = OutputLock(out).acquire()
+    except BaseException:
+        if created:  # nobody else can hold a lock in a folder this call created
+            release_claim(out, created)
+        raise
+    try:
+        return _run_locked(cfg, on_unit, on_start)
+    except BaseException:
+        remove_temp_files(out)  # ours: the lock is held
+        release_claim(out, created)
+        raise
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    cfg: SynthesizeConfig,
+    on_unit: Callable[[dict], None] | None = None,
+    on_start: Callable[..., None] | None = None,
+) -> RunSummary:
     models = preflight(cfg)
     manifest, spec, pending = prepare(cfg)
     total = manifest.data["plan"]["units"]
     skipped = total - len(pending)
     if on_start:
-        on_start(total, skipped)
+        on_start(total, skipped, manifest.data["plan"]["images"], manifest.totals()["images"])
     if pending:
         if cfg.executor == "local":
             results = run_local(spec, pending, models)
@@ -244,7 +410,7 @@ def run(
             del models  # workers load their own copies
             results = run_ray(spec, pending, cfg.workers, cfg.ray_address)
         for unit, images, objects in results:
-            entry = write_unit(cfg.out, unit, images, objects)
+            entry = write_unit(cfg.out, unit, images, objects, root=spec.context.root)
             manifest.record_unit(unit, entry)
             if on_unit:
                 on_unit(entry)

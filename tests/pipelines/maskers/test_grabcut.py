@@ -137,3 +137,35 @@ def test_resolve_overlaps_gives_contested_pixels_to_the_smaller_mask():
     assert out.sum(0).max() == 1
     np.testing.assert_array_equal(out[1], small)
     np.testing.assert_array_equal(out[0], big & ~small)
+
+
+def test_substitutes_are_named_never_passed_off_as_grabcut():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(80, 80, 3), dtype=np.uint8)
+    image[20:60, 20:60] = (200, 30, 30)  # a clear square: GrabCut's own output
+    flat = np.full((80, 80, 3), 128, np.uint8)  # nothing to separate: GrabCut collapses
+    boxes = np.array([[18.0, 18.0, 62.0, 62.0], [5.0, 5.0, 7.0, 7.0]])  # the 2nd is 2x2 px
+    out = GrabCutMasker()(image, boxes)
+    assert out.origins == ["grabcut", "grabcut+box-fallback"]
+    assert out.masks[1][5:7, 5:7].all()  # the box itself, and labelled so
+    collapsed = GrabCutMasker()(flat, boxes[:1])
+    assert collapsed.origins == ["grabcut+ellipse-fallback"]
+    ellipse = inscribed_ellipse(44, 44)
+    np.testing.assert_array_equal(collapsed.masks[0][18:62, 18:62], ellipse)
+
+
+def test_a_substituted_mask_is_filtered_unless_fallbacks_are_kept(tmp_path):
+    from pipelines.process import UnitContext, process_unit
+    from pipelines.quality import QualityConfig
+    from pipelines.records import ImageRecord, SourceObject
+
+    cv2.imwrite(str(tmp_path / "flat.png"), np.full((80, 80, 3), 128, np.uint8))
+    record = ImageRecord("1", "flat.png", 80, 80, [SourceObject("1", "cat", [18, 18, 44, 44])])
+    for keep_fallback, status in ((False, "filtered"), (True, "kept")):
+        quality = QualityConfig(keep_fallback=keep_fallback)
+        ctx = UnitContext("coco", "val", tmp_path, "r", quality)
+        _, objects = process_unit(ctx, [record], GrabCutMasker(), lambda *a: [[]])
+        (row,) = objects
+        assert row["mask_origin"] == "grabcut+ellipse-fallback"
+        assert row["status"] == status
+        assert row["reject_code"] == (None if keep_fallback else "mask_fallback")
