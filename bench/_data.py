@@ -198,7 +198,9 @@ def _object_rows(rng: np.random.Generator, names: list[str], first_image: int,
                 "box_iou": float(box_iou[j]), "box_fill": float(box_fill[j]),
                 "n_components": int(rng.integers(1, 3)),
                 "status": KEPT if keep else FILTERED, "keep": keep,
-                "reject_reason": None if keep else "box_iou below 0.5",
+                "reject_code": None if keep else (
+                    "low_box_iou" if box_iou[j] < 0.5 else "low_box_fill"),
+                "reject_reason": None if keep else "box_iou below 0.5 or box_fill below 0.05",
                 "captions": [{"text": t, "provenance": "template", "score": None} for t in caps],
                 "run_id": run_id,
             })
@@ -236,7 +238,7 @@ def object_shards(data_dir: Path, n_objects: int, images_per_shard: int = 8192,
 # Columns carried into the COCO JSON as extra annotation keys, so both files hold the same facts.
 EXTRA_KEYS = ("object_id", "source_ann_id", "box_raw", "attributes", "mask_origin", "mask_box",
               "pred_iou", "stability", "box_iou", "box_fill", "n_components", "status", "keep",
-              "reject_reason", "captions", "run_id")
+              "reject_code", "reject_reason", "captions", "run_id")
 
 
 def write_coco_json(out: Path, path: Path) -> dict:

@@ -69,7 +69,7 @@ def evaluate(masker: Masker, scenes: list[Scene]) -> dict:
     ious, per_cat, seconds, n_boxes = [], defaultdict(list), 0.0, 0
     for image, boxes, gt, cats in scenes:
         start = time.perf_counter()
-        masks = masker(image, boxes).masks
+        masks = masker(image, boxes).dense()
         seconds += time.perf_counter() - start
         n_boxes += len(boxes)
         check(masks.shape == gt.shape, f"{masker.origin}: masks {masks.shape} != gt {gt.shape}")

@@ -19,6 +19,7 @@ import numpy as np
 from pipelines.captioners import Caption, Captioner
 from pipelines.images import load_image
 from pipelines.maskers import Masker
+from pipelines.masksets import RleMasks
 from pipelines.quality import QualityConfig, decide, measure
 from pipelines.records import ImageRecord, SourceObject
 from schemas import FILTERED, GT, IMAGE_STATUS_CODES, KEPT, REJECTED
@@ -184,6 +185,9 @@ def check_objects(
     return usable
 
 
+MASK_CHUNK = 64  # masks held at full resolution at once while scoring and encoding
+
+
 def annotate_objects(
     ctx: UnitContext,
     pixels: np.ndarray,
@@ -192,59 +196,65 @@ def annotate_objects(
     masker: Masker,
     captioner: Captioner,
 ) -> list[dict]:
+    """Mask, score and caption the usable objects of one image, with memory bounded by
+    MASK_CHUNK full-size masks however many boxes the image has (pipelines/masksets.py)."""
     height, width = pixels.shape[:2]
     usable = check_objects(objects, rows, width, height)
     if not usable:
         return rows
-    to_mask = [j for j, i in enumerate(usable) if ctx.remask or objects[i].gt_mask is None]
-    masks, pred_iou, stability, origins = gather_masks(
-        pixels, [objects[i] for i in usable], [rows[i]["box"] for i in usable], to_mask, masker
+    objs = [objects[i] for i in usable]
+    to_mask = [j for j, o in enumerate(objs) if ctx.remask or o.gt_mask is None]
+    made, pred_iou, stability, origins = run_masker(
+        pixels, [rows[i]["box"] for i in usable], to_mask, masker, len(objs)
     )
-    encoded = rle.encode(masks)
-    for j, i in enumerate(usable):
-        fill_mask_columns(
-            rows[i],
-            masks[j],
-            encoded[j],
-            float(pred_iou[j]),
-            float(stability[j]),
-            origins[j],
-            masker.origin,
-            ctx.quality,
-        )
+    position = {j: k for k, j in enumerate(to_mask)}
+    encoded: list[dict] = []
+    for start in range(0, len(usable), MASK_CHUNK):
+        chunk = range(start, min(start + MASK_CHUNK, len(usable)))
+        full = np.zeros((len(chunk), height, width), dtype=bool)
+        for n, j in enumerate(chunk):
+            full[n] = made[position[j]] if j in position else rle.decode([objs[j].gt_mask])[0]
+        chunk_encoded = rle.encode(full)
+        for n, j in enumerate(chunk):
+            fill_mask_columns(
+                rows[usable[j]],
+                full[n],
+                chunk_encoded[n],
+                float(pred_iou[j]),
+                float(stability[j]),
+                origins[j],
+                masker.origin,
+                ctx.quality,
+            )
+        encoded += chunk_encoded
     boxes = np.array([_xyxy(rows[i]["box"]) for i in usable], dtype=np.float64)
-    captions = captioner(pixels, boxes, masks, [objects[i].category for i in usable])
+    masks = RleMasks(height, width, encoded)
+    captions = captioner(pixels, boxes, masks, [o.category for o in objs])
     for i, caps in zip(usable, captions, strict=True):
         rows[i]["captions"] = rows[i]["captions"] + [_caption_dict(c) for c in caps]
     return rows
 
 
-def gather_masks(
-    pixels: np.ndarray,
-    objects: list[SourceObject],
-    boxes: list[list[float]],
-    to_mask: list[int],
-    masker: Masker,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(N, H, W) masks of the usable objects: ground truth decoded, except the `to_mask` indices,
-    which one masker call fills (with their scores; NaN elsewhere), and each mask's origin (`gt`,
-    the masker's origin, or the substitute the masker names in MaskOutput.origins)."""
-    height, width = pixels.shape[:2]
-    masks = np.zeros((len(objects), height, width), dtype=bool)
-    pred_iou = np.full(len(objects), np.nan, dtype=np.float32)
-    stability = np.full(len(objects), np.nan, dtype=np.float32)
-    origins = [GT] * len(objects)
-    from_gt = sorted(set(range(len(objects))) - set(to_mask))
-    if from_gt:
-        masks[from_gt] = rle.decode([objects[j].gt_mask for j in from_gt]).astype(bool)
-    if to_mask:
-        out = masker(pixels, np.array([_xyxy(boxes[j]) for j in to_mask], dtype=np.float64))
-        masks[to_mask] = out.masks
-        pred_iou[to_mask], stability[to_mask] = out.pred_iou, out.stability
-        made = out.origins or [masker.origin] * len(to_mask)
-        for j, origin in zip(to_mask, made, strict=True):
-            origins[j] = origin
-    return masks, pred_iou, stability, origins
+def run_masker(
+    pixels: np.ndarray, boxes: list[list[float]], to_mask: list[int], masker: Masker, n: int
+) -> tuple[object, np.ndarray, np.ndarray, list[str]]:
+    """One masker call for the `to_mask` boxes (of `n` usable objects) -> (their mask set, and per
+    usable object: predicted IoU, stability (NaN where none) and origin (`gt` for the others, the
+    masker's origin, or the substitute the masker names in MaskOutput.origins))."""
+    pred_iou = np.full(n, np.nan, dtype=np.float32)
+    stability = np.full(n, np.nan, dtype=np.float32)
+    origins = [GT] * n
+    if not to_mask:
+        return np.zeros((0, *pixels.shape[:2]), bool), pred_iou, stability, origins
+    out = masker(pixels, np.array([_xyxy(boxes[j]) for j in to_mask], dtype=np.float64))
+    if len(out.masks) != len(to_mask):
+        raise ValueError(f"masker {masker.origin!r} returned {len(out.masks)} masks for "
+                         f"{len(to_mask)} boxes")
+    pred_iou[to_mask], stability[to_mask] = out.pred_iou, out.stability
+    made = out.origins or [masker.origin] * len(to_mask)
+    for j, origin in zip(to_mask, made, strict=True):
+        origins[j] = origin
+    return out.masks, pred_iou, stability, origins
 
 
 def fill_mask_columns(

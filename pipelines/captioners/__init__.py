@@ -4,9 +4,12 @@ image.
 Contract of a captioner call:
     captioner(image, boxes, masks, categories) -> list[list[Caption]]
     image: (H, W, 3) uint8 RGB.
-    boxes: (N, 4) float64 XYXY absolute pixels (clipped); masks: (N, H, W) bool; categories: N
-    texts. Returns N lists of captions, deduplicated, best first. Each Caption carries its
-    provenance (e.g. "template", "hf:blip-base") and a score (None when the method has none).
+    boxes: (N, 4) float64 XYXY absolute pixels (clipped); masks: a mask set of N masks
+    (pipelines/masksets.py: `shape`, `[i]`, `region(i, rows, cols)`; the pipeline passes RleMasks,
+    so memory stays bounded however many boxes an image has) or an (N, H, W) bool array;
+    categories: N texts. Returns N lists of captions, deduplicated, best first. Each Caption
+    carries its provenance (e.g. "template", "hf:blip-base") and a score (None when the method
+    has none).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import numpy as np
 from pipelines.captioners import Caption
 from pipelines.captioners.colors import COLOR_NAMES, MAX_PIXELS, dominant_color, exposure_gain
 from pipelines.captioners.relations import pair_relations, relation_phrase
+from pipelines.masksets import region
 
 PROVENANCE = "template"
 SMALL_AREA, LARGE_AREA = 0.02, 0.25
@@ -125,7 +126,7 @@ def object_pixels(
     """
     height, width = image.shape[:2]
     rows, cols = _pixel_range(boxes[index], height, width)
-    own = masks[index, rows, cols]
+    own = region(masks, index, rows, cols)
     if not own.any():
         own = np.ones_like(own)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -139,7 +140,7 @@ def object_pixels(
                 slice(r.start - rows.start, r.stop - rows.start),
                 slice(c.start - cols.start, c.stop - cols.start),
             )
-            in_front[local] |= masks[j, r, c]
+            in_front[local] |= region(masks, j, r, c)
     keep = own & ~in_front
     if np.count_nonzero(keep) < min_pixels:
         keep = own
@@ -238,7 +239,9 @@ class TemplateCaptioner:
     def __call__(
         self, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, categories: list[str]
     ) -> list[list[Caption]]:
-        image, boxes, masks = np.asarray(image), np.asarray(boxes, np.float64), np.asarray(masks)
+        image, boxes = np.asarray(image), np.asarray(boxes, np.float64)
+        if isinstance(masks, np.ndarray):
+            masks = masks.astype(bool, copy=False)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
         n, (height, width) = len(categories), image.shape[:2]
@@ -246,12 +249,12 @@ class TemplateCaptioner:
             raise ValueError(
                 f"boxes must be ({n}, 4) finite XYXY for {n} categories, got {boxes.shape}"
             )
-        if masks.shape != (n, height, width):
+        if tuple(masks.shape) != (n, height, width):
             raise ValueError(f"masks must be ({n}, {height}, {width}), got {masks.shape}")
         return template_captions(
             image,
             boxes,
-            masks.astype(bool, copy=False),
+            masks,
             list(categories),
             self.max_captions,
             self.max_relations,

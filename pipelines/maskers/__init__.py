@@ -6,7 +6,10 @@ Contract of a masker call:
     image: (H, W, 3) uint8 RGB.
     boxes: (N, 4) float64 XYXY in absolute pixels of `image`, already clipped to it, each with w,
     h > 0.
-    MaskOutput.masks: (N, H, W) bool, one mask per box, full image resolution.
+    MaskOutput.masks: N masks at full image resolution, as a mask set (pipelines/masksets.py:
+        CropMasks for methods that stay inside the box, RleMasks for chunks encoded as soon as
+        they are made) or an (N, H, W) bool array; a mask set keeps memory bounded by the chunk,
+        not by the number of boxes.
     MaskOutput.pred_iou / .stability: (N,) float32, NaN where the method has no such score.
     MaskOutput.origins: None when every mask is the method's own output, else one provenance per
         mask; a substitute is named as such, e.g. "grabcut+ellipse-fallback" (never masker.origin).
@@ -32,6 +35,13 @@ class MaskOutput:
     pred_iou: np.ndarray
     stability: np.ndarray
     origins: list[str] | None = None
+
+    def dense(self) -> np.ndarray:
+        """The masks as one (N, H, W) bool array (tests and small callers; the pipeline keeps the
+        mask set so memory stays bounded)."""
+        from pipelines.masksets import stack
+
+        return stack(self.masks, list(range(len(self.masks))))
 
     @classmethod
     def unscored(cls, masks: np.ndarray, origins: list[str] | None = None) -> MaskOutput:

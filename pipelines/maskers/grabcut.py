@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 
 from pipelines.maskers import MaskOutput
-from pipelines.maskers.cleanup import collapsed, inscribed_ellipse, refine_edges, resolve_overlaps
+from pipelines.maskers.cleanup import collapsed, inscribed_ellipse, refine_edges
+from pipelines.masksets import CropMasks, stack
 
 log = logging.getLogger(__name__)
 SEED = 0
@@ -117,13 +118,6 @@ def grabcut_box_or_fallback(
     return fg[r0 - pr0 : r1 - pr0, c0 - pc0 : c1 - pc0] >= 0.5, None
 
 
-def _paste(height: int, width: int, box: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
-    c0, r0, c1, r1 = pixel_box(box, height, width)
-    full = np.zeros((height, width), bool)
-    full[r0:r1, c0:c1] = box_mask
-    return full
-
-
 def grabcut_masks(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -136,37 +130,54 @@ def grabcut_masks(
 
     clean=False is plain GrabCut (the baseline); clean=True adds the steps of `cleanup.py`.
     """
-    return grabcut_masks_with_fallbacks(image, boxes, iterations, clean, margin, max_side)[0]
+    crops, _ = grabcut_crops(image, boxes, iterations, clean, margin, max_side)
+    return stack(crops, list(range(len(crops))))
 
 
-def grabcut_masks_with_fallbacks(
+def grabcut_crops(
     image: np.ndarray,
     boxes: np.ndarray,
     iterations: int = 3,
     clean: bool = True,
     margin: float = 0.15,
     max_side: int = 256,
-) -> tuple[np.ndarray, list[str | None]]:
-    """`grabcut_masks`, plus per box the substitute used in place of GrabCut's output (None when
-    the mask is GrabCut's own)."""
+) -> tuple[CropMasks, list[str | None]]:
+    """`grabcut_masks` as crops (each mask lives in its pixel box, so memory is the sum of the
+    boxes' areas), plus per box the substitute used in place of GrabCut's output (None when the
+    mask is GrabCut's own)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
             f"grabcut expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}"
         )
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     height, width = image.shape[:2]
-    masks = np.zeros((len(boxes), height, width), bool)
-    fallbacks: list[str | None] = []
-    for i, box in enumerate(boxes):
+    crops, fallbacks = [], []
+    for box in boxes:
         box_mask, fallback = grabcut_box_or_fallback(image, box, iterations, margin, max_side)
+        c0, r0, c1, r1 = pixel_box(box, height, width)
         if clean and fallback is None:
-            c0, r0, c1, r1 = pixel_box(box, height, width)
             box_mask = refine_edges(box_mask, image[r0:r1, c0:c1])
             if collapsed(box_mask):
                 box_mask, fallback = inscribed_ellipse(*box_mask.shape), ELLIPSE_FALLBACK
         fallbacks.append(fallback)
-        masks[i] = _paste(height, width, box, box_mask)
-    return (resolve_overlaps(masks) if clean else masks), fallbacks
+        crops.append((r0, c0, box_mask.astype(bool)))
+    masks = CropMasks(height, width, crops)
+    return (resolve_overlaps_crops(masks) if clean else masks), fallbacks
+
+
+def resolve_overlaps_crops(masks: CropMasks) -> CropMasks:
+    """`cleanup.resolve_overlaps` on crops: a pixel claimed by two masks goes to the smaller."""
+    if len(masks) < 2:
+        return masks
+    areas = [int(crop.sum()) for _, _, crop in masks.crops]
+    taken = np.zeros((masks.height, masks.width), bool)
+    out = list(masks.crops)
+    for i in np.argsort(areas, kind="stable"):
+        r0, c0, crop = masks.crops[i]
+        window = taken[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]]
+        out[i] = (r0, c0, crop & ~window)
+        window |= crop
+    return CropMasks(masks.height, masks.width, out)
 
 
 class GrabCutMasker:
@@ -180,7 +191,7 @@ class GrabCutMasker:
         self.origin = "grabcut" if clean else "grabcut:plain"
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> MaskOutput:
-        masks, fallbacks = grabcut_masks_with_fallbacks(image, boxes, self.iterations, self.clean)
+        masks, fallbacks = grabcut_crops(image, boxes, self.iterations, self.clean)
         if not any(fallbacks):
             return MaskOutput.unscored(masks)
         origins = [self.origin if f is None else f"{self.origin}+{f}" for f in fallbacks]

@@ -23,7 +23,8 @@ from pipelines.devices import (
 )
 from pipelines.maskers import MaskOutput
 from pipelines.maskers.sam import MAX_CHUNK_PIXELS, check_prompt
-from pipelines.maskers.scores import pick_best, remove_small_parts, stability_scores
+from pipelines.maskers.scores import encode_chunk, pick_best, stability_scores
+from pipelines.masksets import RleMasks
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,13 @@ class HfSamMasker:
                 self._decode(embeddings, input_boxes[:, i : i + chunk], inputs)
                 for i in range(0, len(boxes), chunk)
             ]
-        masks = np.concatenate([p[0] for p in parts])
-        if self.min_region_area > 0:
-            masks = np.stack([remove_small_parts(m, self.min_region_area) for m in masks])
+        masks = RleMasks(height, width, [m for p in parts for m in p[0]])
         pred_iou = np.concatenate([p[1] for p in parts]).astype(np.float32)
         stability = np.concatenate([p[2] for p in parts]).astype(np.float32)
         return MaskOutput(masks=masks, pred_iou=pred_iou, stability=stability)
 
     def _decode(self, embeddings, input_boxes: torch.Tensor, inputs) -> tuple[np.ndarray, ...]:
-        """(1, n, 4) boxes in the model frame -> masks (n, H, W), pred IoU (n,), stability (n,)."""
+        """(1, n, 4) boxes in the model frame -> n RLE masks, pred IoU (n,), stability (n,)."""
         out = self.model(
             image_embeddings=embeddings, input_boxes=input_boxes, multimask_output=self.multimask
         )
@@ -128,7 +127,8 @@ class HfSamMasker:
         logits = logits[0][:, 0].float()  # (n, H, W)
         stability = stability_scores(logits, 0.0)
         masks = logits > 0.0  # both families threshold logits at 0
-        return masks.cpu().numpy(), best_iou.cpu().numpy(), stability.cpu().numpy()
+        encoded = encode_chunk(masks.cpu().numpy(), self.min_region_area)
+        return encoded, best_iou.cpu().numpy(), stability.cpu().numpy()
 
 
 def build_hf_sam_masker(folder: Path | None, masker: str, **kwargs) -> HfSamMasker:

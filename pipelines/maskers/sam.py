@@ -36,7 +36,8 @@ from pipelines.devices import (
     place_model,
 )
 from pipelines.maskers import MaskOutput
-from pipelines.maskers.scores import pick_best, remove_small_parts, stability_scores
+from pipelines.maskers.scores import encode_chunk, pick_best, stability_scores
+from pipelines.masksets import RleMasks
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +261,14 @@ class SamMasker:
             chunk = max(1, min(self.box_chunk, MAX_CHUNK_PIXELS // (height * width)))
             parts = [self._decode(boxes[i : i + chunk]) for i in range(0, len(boxes), chunk)]
         self.predictor.reset_image()
-        masks = np.concatenate([p[0] for p in parts])
-        if self.min_region_area > 0:
-            masks = np.stack([remove_small_parts(m, self.min_region_area) for m in masks])
+        masks = RleMasks(height, width, [m for p in parts for m in p[0]])
         pred_iou = np.concatenate([p[1] for p in parts]).astype(np.float32)
         stability = np.concatenate([p[2] for p in parts]).astype(np.float32)
         return MaskOutput(masks=masks, pred_iou=pred_iou, stability=stability)
 
-    def _decode(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes (n, 4) of the current image -> masks (n, H, W) bool, IoU (n,), stability (n,)."""
+    def _decode(self, boxes: np.ndarray) -> tuple[list[dict], np.ndarray, np.ndarray]:
+        """Boxes (n, 4) of the current image -> n RLE masks (encoded per chunk), IoU (n,),
+        stability (n,)."""
         sam, pred = self.sam, self.predictor
         boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=self.device)
         boxes_t = pred.transform.apply_boxes_torch(boxes_t, pred.original_size)
@@ -285,7 +285,8 @@ class SamMasker:
         logits = logits[:, 0].float()
         stability = stability_scores(logits, sam.mask_threshold)
         masks = logits > sam.mask_threshold
-        return masks.cpu().numpy(), best_iou.cpu().numpy(), stability.cpu().numpy()
+        encoded = encode_chunk(masks.cpu().numpy(), self.min_region_area)
+        return encoded, best_iou.cpu().numpy(), stability.cpu().numpy()
 
 
 def build_sam_masker(checkpoint: Path | None, variant: str, **kwargs) -> SamMasker:

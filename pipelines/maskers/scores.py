@@ -52,3 +52,13 @@ def remove_small_parts(mask: np.ndarray, min_area: int) -> np.ndarray:
     mask, _ = remove_small_regions(mask, min_area, mode="holes")
     mask, _ = remove_small_regions(mask, min_area, mode="islands")
     return mask
+
+
+def encode_chunk(masks: np.ndarray, min_region_area: int = 0) -> list[dict]:
+    """A decoded chunk (n, H, W) bool -> n RLE values, after small-region clean-up; encoding each
+    chunk as soon as it is made keeps an image's memory bounded by the chunk, not by its boxes."""
+    from schemas import masks as rle
+
+    if min_region_area > 0:
+        masks = np.stack([remove_small_parts(m, min_region_area) for m in masks])
+    return rle.encode(masks)

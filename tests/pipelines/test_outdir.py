@@ -234,3 +234,24 @@ def test_a_unit_of_images_without_annotations_finishes_and_resumes(tmp_path):
     first = run(cfg)
     assert first.units_written == 2 and first.totals["objects"] == 4
     assert run(cfg).units_written == 0  # the empty unit counts as done
+
+
+def test_a_failed_run_leaves_no_temporary_files_anywhere(dataset, tmp_path):
+    """A malformed annotation file fails mid-scan: one line, exit 2, and neither the annotation
+    index (under TMPDIR) nor a plan/manifest temp file nor the new --out folder is left behind."""
+    root, ann = dataset
+    bad = root / "broken.json"
+    bad.write_text(ann.read_text()[:-40])  # truncated mid-annotation
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    out = tmp_path / "out"
+    args = ["synthesize", "--source", "coco", "--root", str(root), "--annotations", str(bad),
+            "--out", str(out), "--executor", "local", "--captioner", "none"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "TMPDIR": str(tmpdir)}, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "broken.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmpdir.iterdir()) == []
+    assert not out.exists()

@@ -41,9 +41,9 @@ def test_grabcut_beats_the_box_on_generated_scenes(scenes):
         ious["box"] += list(_ious(box_masks(*s.image.shape[:2], s.boxes), s.masks))
         ious["plain"] += list(_ious(grabcut_masks(s.image, s.boxes, clean=False), s.masks))
         out = masker(s.image, s.boxes)
-        assert out.masks.shape == s.masks.shape and out.masks.dtype == bool
+        assert out.dense().shape == s.masks.shape and out.dense().dtype == bool
         assert np.isnan(out.pred_iou).all() and np.isnan(out.stability).all()
-        ious["grabcut"] += list(_ious(out.masks, s.masks))
+        ious["grabcut"] += list(_ious(out.dense(), s.masks))
     mean = {k: float(np.mean(v)) for k, v in ious.items()}
     # The filled box scores ~0.5 on these shapes; GrabCut ~0.85. Margins are wide on purpose.
     assert mean["grabcut"] > mean["box"] + 0.2, mean
@@ -79,10 +79,10 @@ def test_masks_never_leave_their_box():
 
 def test_grabcut_is_deterministic(scenes):
     s = scenes[0]
-    first = GrabCutMasker(iterations=3)(s.image, s.boxes).masks
+    first = GrabCutMasker(iterations=3)(s.image, s.boxes).dense()
     cv2.setRNGSeed(12345)  # disturb OpenCV's global RNG between the calls
     cv2.randu(np.zeros((50, 50), np.uint8), 0, 255)
-    second = GrabCutMasker(iterations=3)(s.image, s.boxes).masks
+    second = GrabCutMasker(iterations=3)(s.image, s.boxes).dense()
     np.testing.assert_array_equal(first, second)
 
 
@@ -147,11 +147,11 @@ def test_substitutes_are_named_never_passed_off_as_grabcut():
     boxes = np.array([[18.0, 18.0, 62.0, 62.0], [5.0, 5.0, 7.0, 7.0]])  # the 2nd is 2x2 px
     out = GrabCutMasker()(image, boxes)
     assert out.origins == ["grabcut", "grabcut+box-fallback"]
-    assert out.masks[1][5:7, 5:7].all()  # the box itself, and labelled so
+    assert out.dense()[1][5:7, 5:7].all()  # the box itself, and labelled so
     collapsed = GrabCutMasker()(flat, boxes[:1])
     assert collapsed.origins == ["grabcut+ellipse-fallback"]
     ellipse = inscribed_ellipse(44, 44)
-    np.testing.assert_array_equal(collapsed.masks[0][18:62, 18:62], ellipse)
+    np.testing.assert_array_equal(collapsed.dense()[0][18:62, 18:62], ellipse)
 
 
 def test_a_substituted_mask_is_filtered_unless_fallbacks_are_kept(tmp_path):

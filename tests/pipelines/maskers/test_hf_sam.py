@@ -66,13 +66,13 @@ def test_batched_chunked_equals_per_box_forward(folders, image, name):
     m = masker(name, folders[name], box_chunk=2)
     out = m(image, BOXES)
     masks, ious, stabs = reference(name, folders[name], image, BOXES)
-    assert out.masks.shape == (5, 120, 160) and out.masks.dtype == bool
-    assert (out.masks != masks).sum() <= 5  # rounding of batched matmuls at the threshold only
+    assert out.dense().shape == (5, 120, 160) and out.dense().dtype == bool
+    assert (out.dense() != masks).sum() <= 5  # rounding of batched matmuls at the threshold only
     np.testing.assert_allclose(out.pred_iou, ious, atol=1e-4)
     np.testing.assert_allclose(out.stability, stabs, atol=1e-3)
     assert 0 < out.stability.max() <= 1  # the tiny models' logits are spread enough to score
     whole = masker(name, folders[name], box_chunk=64)(image, BOXES)
-    assert (whole.masks != out.masks).sum() <= 5
+    assert (whole.dense() != out.dense()).sum() <= 5
     np.testing.assert_allclose(whole.pred_iou, out.pred_iou, atol=1e-5)
     assert m.origin == f"{name}:tiny-{name}" and m.uses_gpu is False
 
@@ -82,17 +82,17 @@ def test_clipping_empty_and_determinism(folders, image, name):
     m = masker(name, folders[name])
     outside = m(image, np.array([[-40.0, -10.0, 60.0, 300.0]]))
     clipped = m(image, np.array([[0.0, 0.0, 60.0, 120.0]]))
-    np.testing.assert_array_equal(outside.masks, clipped.masks)
+    np.testing.assert_array_equal(outside.dense(), clipped.dense())
     np.testing.assert_array_equal(
         outside.pred_iou, m(image, np.array([[0.0, 0, 60, 120]])).pred_iou
     )
     empty = m(image, np.zeros((0, 4)))
-    assert empty.masks.shape == (0, 120, 160) and empty.stability.shape == (0,)
+    assert empty.dense().shape == (0, 120, 160) and empty.stability.shape == (0,)
 
 
 def test_single_mask_output_has_scores(folders, image):
     out = masker("sam2", folders["sam2"], multimask=False)(image, BOXES)
-    assert out.masks.shape == (5, 120, 160)
+    assert out.dense().shape == (5, 120, 160)
     assert np.isfinite(out.pred_iou).all()
 
 

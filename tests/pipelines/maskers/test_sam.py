@@ -62,23 +62,23 @@ def reference(checkpoint, image, boxes, multimask=True):
 def test_batched_equals_per_box_predict(checkpoint, image, multimask):
     out = masker(checkpoint, multimask=multimask)(image, BOXES)
     masks, ious, stabs = reference(checkpoint, image, BOXES, multimask)
-    assert out.masks.shape == (5, 120, 160) and out.masks.dtype == bool
+    assert out.dense().shape == (5, 120, 160) and out.dense().dtype == bool
     # batched matmuls may round differently: allow a handful of pixels right at the threshold
-    assert (out.masks != masks).sum() <= 5
+    assert (out.dense() != masks).sum() <= 5
     np.testing.assert_allclose(out.pred_iou, ious, atol=1e-4)
     np.testing.assert_allclose(out.stability, stabs, atol=1e-3)
     assert out.pred_iou.dtype == np.float32 and out.stability.dtype == np.float32
     assert np.all((out.stability >= 0) & (out.stability <= 1))
-    assert out.masks.any(axis=(1, 2)).all()
+    assert out.dense().any(axis=(1, 2)).all()
 
 
 def test_chunking_equals_no_chunking_and_is_deterministic(checkpoint, image):
     whole = masker(checkpoint, box_chunk=64)(image, BOXES)
     chunked = masker(checkpoint, box_chunk=2)(image, BOXES)
     again = masker(checkpoint, box_chunk=2)(image, BOXES)
-    assert (whole.masks != chunked.masks).sum() <= 5
+    assert (whole.dense() != chunked.dense()).sum() <= 5
     np.testing.assert_allclose(whole.pred_iou, chunked.pred_iou, atol=1e-5)
-    np.testing.assert_array_equal(chunked.masks, again.masks)
+    np.testing.assert_array_equal(chunked.dense(), again.dense())
     np.testing.assert_array_equal(chunked.pred_iou, again.pred_iou)
 
 
@@ -86,16 +86,16 @@ def test_boxes_are_clipped_and_empty_input_is_fine(checkpoint, image):
     m = masker(checkpoint)
     outside = m(image, np.array([[-40.0, -10.0, 60.0, 300.0]]))
     clipped = m(image, np.array([[0.0, 0.0, 60.0, 120.0]]))
-    np.testing.assert_array_equal(outside.masks, clipped.masks)
+    np.testing.assert_array_equal(outside.dense(), clipped.dense())
     empty = m(image, np.zeros((0, 4)))
-    assert empty.masks.shape == (0, 120, 160) and empty.pred_iou.shape == (0,)
+    assert empty.dense().shape == (0, 120, 160) and empty.pred_iou.shape == (0,)
     assert m.origin == "sam:tiny" and m.uses_gpu is False
 
 
 def test_min_region_area_removes_small_islands_and_holes(checkpoint, image):
-    raw = masker(checkpoint)(image, BOXES).masks
+    raw = masker(checkpoint)(image, BOXES).dense()
     area = 200
-    clean = masker(checkpoint, min_region_area=area)(image, BOXES).masks
+    clean = masker(checkpoint, min_region_area=area)(image, BOXES).dense()
     eight = np.ones((3, 3), bool)
     assert (raw != clean).any()  # the random model's masks are speckled: something was removed
     for mask in clean:
