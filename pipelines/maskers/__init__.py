@@ -70,6 +70,8 @@ class MaskerConfig:
     multimask: bool = True  # SAM family: keep the best of 3 candidates by predicted IoU
     min_region_area: int = 0  # SAM family: fill holes / drop islands below this many pixels
     box_chunk: int = 64  # SAM family: most boxes decoded together per image
+    sam_sdpa: bool = False  # sam: fused attention in the image encoder (same masks, faster on GPU)
+    sam_compile: bool = False  # sam: torch.compile the image encoder (first image pays compile)
 
 
 def _box(cfg: MaskerConfig) -> Masker:
@@ -97,7 +99,13 @@ def _model_options(cfg: MaskerConfig) -> dict:
 def _sam(cfg: MaskerConfig) -> Masker:
     from pipelines.maskers.sam import build_sam_masker
 
-    return build_sam_masker(cfg.sam_checkpoint, cfg.sam_model, **_model_options(cfg))
+    return build_sam_masker(
+        cfg.sam_checkpoint,
+        cfg.sam_model,
+        sdpa=cfg.sam_sdpa,
+        compile=cfg.sam_compile,
+        **_model_options(cfg),
+    )
 
 
 def _hf_sam(cfg: MaskerConfig) -> Masker:

@@ -36,6 +36,7 @@ from pipelines.devices import (
     place_model,
 )
 from pipelines.maskers import MaskOutput
+from pipelines.maskers.sam_fast import compile_encoder, use_sdpa
 from pipelines.maskers.scores import encode_chunk, pick_best, stability_scores
 from pipelines.masksets import RleMasks
 
@@ -225,6 +226,7 @@ class SamMasker:
         SA-1B's released generator).
     box_chunk: most boxes decoded together; lowered for large images so a chunk's full-resolution
         logits stay under MAX_CHUNK_PIXELS.
+    sdpa, compile: the encoder's speed options (pipelines/maskers/sam_fast.py); same masks.
     """
 
     def __init__(
@@ -236,10 +238,16 @@ class SamMasker:
         multimask: bool = True,
         min_region_area: int = 0,
         box_chunk: int = 64,
+        sdpa: bool = False,
+        compile: bool = False,
     ) -> None:
         if box_chunk < 1:
             raise ValueError(f"box_chunk must be >= 1, got {box_chunk}")
+        if sdpa:
+            use_sdpa(sam)
         self.sam, self.device, self.dtype = place_model(sam, device, dtype)
+        if compile:
+            compile_encoder(self.sam)
         self.origin = origin
         self.multimask = multimask
         self.min_region_area = min_region_area
