@@ -7,7 +7,10 @@ that says what is wrong; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+import importlib.metadata
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,7 +18,9 @@ from typing import Annotated
 
 import click
 import typer
+import typer._click.exceptions as typer_click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,7 +31,7 @@ from pipelines.maskers import MASKERS, MaskerConfig
 from pipelines.quality import QualityConfig
 from pipelines.sources import SOURCES, SourceConfig
 from pipelines.synthesize import SynthesizeConfig, run
-from schemas import SchemaError
+from schemas import SCHEMA_VERSION, SchemaError
 
 app = typer.Typer(
     add_completion=False,
@@ -35,6 +40,22 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, SchemaError, PermissionError)
+# typer 0.29 raises its own copies of click's exception classes (typer._click); click's own are
+# kept for code that raises them directly.
+CLICK_EXIT = (typer.Exit, click.exceptions.Exit)
+CLICK_ABORT = (typer.Abort, click.exceptions.Abort)
+CLICK_HELP = (typer_click.NoArgsIsHelpError, click.exceptions.NoArgsIsHelpError)
+CLICK_NO_SUCH_OPTION = (typer_click.NoSuchOption, click.exceptions.NoSuchOption)
+CLICK_USAGE = (typer_click.UsageError, click.exceptions.UsageError)
+CLICK_ERRORS = (typer_click.ClickException, click.ClickException)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(value: object) -> str:
+    """`value` as text that rich prints verbatim: markup escaped, control characters (ANSI escape
+    sequences from data) shown as \\xNN instead of reaching the terminal."""
+    text = CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    return escape(text)
 
 
 def _choice(names) -> str:
@@ -204,7 +225,7 @@ def _run_with_progress(cfg: SynthesizeConfig):
 
 def _print_summary(summary) -> None:
     t = summary.totals
-    table = Table(title=f"{summary.out}  (run {summary.run_id})")
+    table = Table(title=plain(f"{summary.out}  (run {summary.run_id})"))
     for col in ("images", "images bad", "objects", "kept", "filtered", "rejected"):
         table.add_column(col, justify="right")
     table.add_row(
@@ -239,11 +260,11 @@ def query(
 
 
 def _table(columns: list[str], rows: list[tuple], title: str | None = None) -> Table:
-    table = Table(title=title)
+    table = Table(title=title and plain(title))
     for c in columns:
-        table.add_column(c)
+        table.add_column(plain(c))
     for r in rows:
-        table.add_row(*(("" if v is None else str(v)) for v in r))
+        table.add_row(*(("" if v is None else plain(v)) for v in r))
     return table
 
 
@@ -273,7 +294,7 @@ def export(
 
     counts = export_coco(connect(out), dest, where)
     console.print(
-        f"wrote {dest}: {counts['images']} images, {counts['annotations']} annotations, "
+        f"wrote {plain(dest)}: {counts['images']} images, {counts['annotations']} annotations, "
         f"{counts['categories']} categories"
     )
 
@@ -305,7 +326,7 @@ def show(
     columns = [d[0] for d in cursor.description]
     objects = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
     render(Path(manifest.data["source"]["root"]), row[0], objects, dest)
-    console.print(f"wrote {dest}: {image_id} with {len(objects)} objects")
+    console.print(f"wrote {plain(dest)}: {plain(image_id)} with {len(objects)} objects")
 
 
 COMMANDS = {
@@ -321,22 +342,74 @@ for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
 
 
+def version_text() -> str:
+    try:
+        version = importlib.metadata.version("mqengine")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        version = "unknown (not installed)"
+    return f"mqengine {version}, schema {SCHEMA_VERSION}"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True,
+            help="Print the engine and schema versions and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Options of `engine` itself (the app's help text is given to typer.Typer)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `engine` script; returns the exit code (tests call it directly)."""
     try:
         app(args=argv, standalone_mode=False, prog_name="engine")
-    except click.exceptions.Exit as exc:
+    except CLICK_EXIT as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except CLICK_HELP as exc:  # bare `engine` or a bare group: the help, as click prints it
         exc.show()
+        return 2
+    except CLICK_USAGE as exc:
+        _error(_usage_message(exc))
+        return 2
+    except CLICK_ERRORS as exc:
+        _error(exc.format_message())
         return exc.exit_code
-    except click.exceptions.Abort:
+    except CLICK_ABORT:
         console.print("aborted")
         return 130
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         return 2
     return 0
+
+
+def _usage_message(exc) -> str:
+    """One line for a usage mistake: click's message, the option most likely meant, and the help
+    command to run."""
+    message = exc.format_message()
+    if isinstance(exc, CLICK_NO_SUCH_OPTION) and exc.possibilities:
+        best = difflib.get_close_matches(exc.option_name, exc.possibilities, n=1, cutoff=0)
+        message = f"{exc.message} (did you mean {best[0]}?)"
+    if exc.ctx is not None:
+        message = f"{message.rstrip('.')} (try '{exc.ctx.command_path} --help')"
+    return message
+
+
+def _error(message: str) -> None:
+    """Print `error: message` as one line on stderr; the message may hold user data, so it is
+    printed escaped (no markup, no terminal control sequences)."""
+    one_line = " ".join(message.splitlines())
+    console.print(f"[red]error:[/red] {plain(one_line)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
