@@ -27,11 +27,13 @@ from rich.table import Table
 from engine.query import FORMATS, connect, format_rows, run_query, stats
 from engine.train_commands import eval_command, train_command
 from pipelines.captioners import CAPTIONERS, CaptionerConfig
+from pipelines.export import EXPORTERS
 from pipelines.maskers import MASKERS, MaskerConfig
 from pipelines.quality import QualityConfig
 from pipelines.sources import SOURCES, SourceConfig
 from pipelines.synthesize import SynthesizeConfig, run
 from schemas import SCHEMA_VERSION, SchemaError
+from schemas.runs import open_run
 
 app = typer.Typer(
     add_completion=False,
@@ -277,43 +279,49 @@ def stats_command(
         out_console.print(_table(columns, rows, title))
 
 
+RUN_DIR = Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")]
+IMAGE_ROOT = Annotated[
+    Path | None,
+    typer.Option(help="Image root to use instead of the one the run recorded (the data moved)."),
+]
+
+
 def export(
-    out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
-    dest: Annotated[Path, typer.Option("--to", help="COCO JSON file to write.")],
+    out: RUN_DIR,
+    dest: Annotated[Path, typer.Option("--to", help="File to write.")],
+    format: Annotated[str, typer.Option("--format", help=f"{_choice(EXPORTERS)}")] = "coco",
     where: Annotated[
         str,
         typer.Option(
-            help="SQL condition on objects selecting what to "
+            help="One SQL condition on objects selecting what to "
             "export ('true' for everything with a mask)."
         ),
     ] = "keep",
+    root: IMAGE_ROOT = None,
 ) -> None:
-    """Export objects as COCO-format JSON (RLE segmentation; provenance and captions as extra
-    keys)."""
-    from pipelines.export import export_coco
-
-    counts = export_coco(connect(out), dest, where)
-    console.print(
-        f"wrote {plain(dest)}: {counts['images']} images, {counts['annotations']} annotations, "
-        f"{counts['categories']} categories"
-    )
+    """Export objects to another format; coco: COCO JSON with the source's ids, RLE segmentation,
+    `score` (pred_iou, else box_iou), provenance and captions as extra keys."""
+    exporter = EXPORTERS.get(format)
+    if exporter is None:
+        raise ValueError(f"unknown --format {format!r}; choose one of: {_choice(EXPORTERS)}")
+    counts = exporter(open_run(out, root=root), dest, where)
+    summary = ", ".join(f"{n} {what}" for what, n in counts.items())
+    console.print(f"wrote {plain(dest)}: {plain(summary)}")
 
 
 def show(
-    out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
+    out: RUN_DIR,
     dest: Annotated[Path, typer.Option("--to", help="PNG file to write.")] = Path("show.png"),
     image_id: Annotated[
         str | None, typer.Option(help="Image to draw (default: the first one with objects).")
     ] = None,
+    root: IMAGE_ROOT = None,
 ) -> None:
     """Draw one image with its masks, boxes and first captions into a PNG."""
     from pipelines.render import render
-    from pipelines.shards import Manifest
 
-    manifest = Manifest.load(out)
-    if manifest is None:
-        raise FileNotFoundError(f"{out}: no manifest.json (is it an output folder?)")
-    con = connect(out)
+    run = open_run(out, root=root)
+    con = connect(run)
     if image_id is None:
         first = con.execute(
             "SELECT min(image_id) FROM images WHERE status = 'ok' AND num_objects > 0"
@@ -325,7 +333,7 @@ def show(
     cursor = con.execute("SELECT * FROM objects WHERE image_id = ? ORDER BY object_id", [image_id])
     columns = [d[0] for d in cursor.description]
     objects = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
-    render(Path(manifest.data["source"]["root"]), row[0], objects, dest)
+    render(run.root, row[0], objects, dest)
     console.print(f"wrote {plain(dest)}: {plain(image_id)} with {len(objects)} objects")
 
 
