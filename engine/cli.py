@@ -24,7 +24,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.query import FORMATS, connect, format_rows, run_query, stats
+from engine.query import (
+    FORMATS,
+    STATS_FORMATS,
+    connect,
+    format_rows,
+    run_query,
+    stats,
+    stats_json,
+)
 from engine.train_commands import eval_command, train_command
 from pipelines.captioners import CAPTIONERS, CaptionerConfig
 from pipelines.export import EXPORTERS
@@ -272,10 +280,17 @@ def _table(columns: list[str], rows: list[tuple], title: str | None = None) -> T
 
 def stats_command(
     out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
+    format: Annotated[str, typer.Option("--format", help=f"{_choice(STATS_FORMATS)}")] = "table",
 ) -> None:
-    """Counts by source, status, mask provenance, reject reason, category and caption provenance."""
+    """Counts by source, status, mask provenance, reject code, category and caption provenance."""
+    if format not in STATS_FORMATS:
+        raise ValueError(f"unknown --format {format!r}; choose one of: {_choice(STATS_FORMATS)}")
+    report = stats(out)
+    if format == "json":
+        sys.stdout.write(stats_json(report))
+        return
     out_console = Console()
-    for title, (columns, rows) in stats(out).items():
+    for title, (columns, rows) in report.items():
         out_console.print(_table(columns, rows, title))
 
 
