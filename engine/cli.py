@@ -24,6 +24,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from engine.options import SYNTHESIZE_FLAGS, synthesize_config
+from engine.options import signature as options_signature
 from engine.query import (
     FORMATS,
     STATS_FORMATS,
@@ -34,11 +36,7 @@ from engine.query import (
     stats_json,
 )
 from engine.train_commands import eval_command, train_command
-from pipelines.captioners import CAPTIONERS, CaptionerConfig
 from pipelines.export import EXPORTERS
-from pipelines.maskers import MASKERS, MaskerConfig
-from pipelines.quality import QualityConfig
-from pipelines.sources import SOURCES, SourceConfig
 from pipelines.synthesize import SynthesizeConfig, run
 from schemas import SCHEMA_VERSION, SchemaError
 from schemas.runs import open_run
@@ -72,139 +70,15 @@ def _choice(names) -> str:
     return ", ".join(names)
 
 
-def synthesize(
-    source: Annotated[str, typer.Option(help=f"Annotation source: {_choice(SOURCES)}.")] = "demo",
-    out: Annotated[Path, typer.Option(help="Output folder (created; a rerun resumes it).")] = Path(
-        "runs/demo"
-    ),
-    root: Annotated[
-        Path | None,
-        typer.Option(
-            help="Dataset root: images (and, for objects365, the annotation files) live under it."
-        ),
-    ] = None,
-    annotations: Annotated[
-        Path | None, typer.Option(help="Annotation file (overrides the one found under --root).")
-    ] = None,
-    split: Annotated[str | None, typer.Option(help="Split name, e.g. train or val.")] = None,
-    bbox_format: Annotated[
-        str, typer.Option(help="hf source: box convention of `objects.bbox` (xywh, xyxy, auto).")
-    ] = "auto",
-    masker: Annotated[
-        str, typer.Option(help=f"Box->mask method: {_choice(MASKERS)}, or module:builder.")
-    ] = "grabcut",
-    captioner: Annotated[
-        str, typer.Option(help=f"Captioner: {_choice(CAPTIONERS)}, or module:builder.")
-    ] = "template",
-    unit_size: Annotated[int, typer.Option(help="Images per work unit (= per shard).")] = 64,
-    workers: Annotated[int, typer.Option(help="Parallel workers; 0 = one per CPU or GPU.")] = 0,
-    executor: Annotated[str, typer.Option(help="ray, or local (one process, no Ray).")] = "ray",
-    ray_address: Annotated[
-        str | None, typer.Option(help="Join this Ray cluster instead of starting a local one.")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
-    remask: Annotated[
-        bool,
-        typer.Option(
-            help="Run the masker on objects that already have a "
-            "ground-truth mask too (kept in gt_mask)."
-        ),
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an output folder written with a different configuration.")
-    ] = False,
-    sam_checkpoint: Annotated[
-        Path | None, typer.Option(help="segment-anything checkpoint.")
-    ] = None,
-    sam_model: Annotated[
-        str, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (tiny: tests).")
-    ] = "vit_b",
-    mask_model: Annotated[Path | None, typer.Option(help="transformers SAM/SAM2 folder.")] = None,
-    caption_model: Annotated[
-        Path | None, typer.Option(help="transformers captioner folder.")
-    ] = None,
-    captions_per_object: Annotated[int, typer.Option(help="Captions kept per object.")] = 5,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto (models only).")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="Model compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16.")
-    ] = "auto",
-    multimask: Annotated[
-        bool, typer.Option(help="SAM family: pick the best of 3 candidate masks by predicted IoU.")
-    ] = True,
-    min_region_area: Annotated[
-        int, typer.Option(help="SAM family: remove islands and fill holes under this many pixels.")
-    ] = 0,
-    box_chunk: Annotated[
-        int, typer.Option(help="SAM family: most boxes of one image decoded together.")
-    ] = 64,
-    caption_batch_size: Annotated[
-        int, typer.Option(help="Model captioners: crops per generate() call.")
-    ] = 16,
-    caption_max_tokens: Annotated[
-        int, typer.Option(help="Model captioners: most new tokens per caption.")
-    ] = 30,
-    min_box_iou: Annotated[
-        float,
-        typer.Option(help="Keep masks whose tight box has at least this IoU with the prompt box."),
-    ] = 0.5,
-    min_box_fill: Annotated[
-        float, typer.Option(help="... and cover at least this fraction of the box.")
-    ] = 0.05,
-    max_components: Annotated[
-        int, typer.Option(help="... and have at most this many connected components (0 = any).")
-    ] = 0,
-    min_pred_iou: Annotated[
-        float,
-        typer.Option(
-            help="... and a model-predicted IoU of at least this (when the masker predicts one)."
-        ),
-    ] = 0.88,
-    min_stability: Annotated[
-        float,
-        typer.Option(
-            help="... and a stability score of at least this (when the masker gives one)."
-        ),
-    ] = 0.95,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
-) -> None:
+def synthesize(**flags) -> None:
     """Synthesize masks and captions for every box of a detection dataset into Parquet shards."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    cfg = SynthesizeConfig(
-        source=SourceConfig(source, root, annotations, split, bbox_format),
-        out=out,
-        masker=MaskerConfig(
-            name=masker,
-            sam_checkpoint=sam_checkpoint,
-            sam_model=sam_model,
-            mask_model=mask_model,
-            device=device,
-            dtype=dtype,
-            multimask=multimask,
-            min_region_area=min_region_area,
-            box_chunk=box_chunk,
-        ),
-        captioner=CaptionerConfig(
-            name=captioner,
-            caption_model=caption_model,
-            captions_per_object=captions_per_object,
-            device=device,
-            dtype=dtype,
-            caption_batch_size=caption_batch_size,
-            caption_max_tokens=caption_max_tokens,
-        ),
-        quality=QualityConfig(
-            min_box_iou, min_box_fill, max_components, min_pred_iou, min_stability
-        ),
-        unit_size=unit_size,
-        limit=limit,
-        remask=remask,
-        executor=executor,
-        workers=workers,
-        ray_address=ray_address,
-        overwrite=overwrite,
-    )
-    summary = _run_with_progress(cfg)
+    logging.basicConfig(level=logging.INFO if flags["verbose"] else logging.WARNING)
+    summary = _run_with_progress(synthesize_config(flags))
     _print_summary(summary)
+
+
+# the flags, their types and defaults come from the config dataclasses (engine/options.py)
+synthesize.__signature__ = options_signature(SYNTHESIZE_FLAGS)
 
 
 def _run_with_progress(cfg: SynthesizeConfig):
