@@ -12,7 +12,6 @@ import importlib.metadata
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -21,11 +20,11 @@ import typer
 import typer._click.exceptions as typer_click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from engine.options import SYNTHESIZE_FLAGS, synthesize_config
 from engine.options import signature as options_signature
+from engine.progress import reporter
 from engine.query import (
     FORMATS,
     STATS_FORMATS,
@@ -82,29 +81,11 @@ synthesize.__signature__ = options_signature(SYNTHESIZE_FLAGS)
 
 
 def _run_with_progress(cfg: SynthesizeConfig):
-    columns = (
-        TextColumn("[bold]synthesize"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("units"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[rate]}"),
-    )
-    start, seen = time.monotonic(), {"images": 0, "objects": 0}
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("units", total=None, rate="planning...")
-
-        def on_unit(entry: dict) -> None:
-            seen["images"] += entry["counts"]["images"]
-            seen["objects"] += entry["counts"]["objects"]
-            dt = max(time.monotonic() - start, 1e-9)
-            rate = f"{seen['images'] / dt:.1f} images/s, {seen['objects'] / dt:.1f} objects/s"
-            progress.update(task, advance=1, rate=rate)
-
-        def started(total: int, done: int) -> None:
-            progress.update(task, total=total, completed=done, rate="starting workers...")
-
-        return run(cfg, on_unit=on_unit, on_start=started)
+    progress = reporter(console)  # checks MQENGINE_PROGRESS_INTERVAL before any work
+    try:
+        return run(cfg, on_unit=progress.on_unit, on_start=progress.on_start)
+    finally:
+        progress.close()
 
 
 def _print_summary(summary) -> None:

@@ -234,7 +234,7 @@ def run(
     total = manifest.data["plan"]["units"]
     skipped = total - len(pending)
     if on_start:
-        on_start(total, skipped)
+        on_start(total, skipped, manifest.data["plan"]["images"], manifest.totals()["images"])
     if pending:
         if cfg.executor == "local":
             results = run_local(spec, pending, models)
