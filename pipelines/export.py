@@ -76,7 +76,8 @@ def _connect(run: Run) -> duckdb.DuckDBPyConnection:
 _PLAIN_INT = "CAST(TRY_CAST(src AS BIGINT) AS VARCHAR) IS NOT DISTINCT FROM src AND src IS NOT NULL"
 
 
-def _id_table(con, name: str, query: str, order: str, refuse: str | None = None) -> str:
+def _id_table(con, name: str, query: str, order: str, refuse: str | None = None,
+              keep: str = "the engine's ids are in the mq_* keys") -> str:
     """Temp table `name(key, coco_id)` from `query` (columns key, src): the source ids when all are
     plain integers and unique (and `refuse` gives no reason not to), else 1..N by `order`.
     Returns what was done, for the file's `info`."""
@@ -92,7 +93,7 @@ def _id_table(con, name: str, query: str, order: str, refuse: str | None = None)
         return "source"
     con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS "
                 f"SELECT key, row_number() OVER (ORDER BY {order}) AS coco_id FROM {name}_src")
-    return f"renumbered 1..{n} (the source's ids are {why}; the engine's are in the mq_* keys)"
+    return f"renumbered 1..{n} in engine order (the source's ids are {why}; {keep})"
 
 
 def _id_tables(con) -> dict[str, str]:
@@ -121,7 +122,7 @@ def _id_tables(con) -> dict[str, str]:
     ).fetchone()[0]
     categories = _id_table(
         con, "cat_ids", "SELECT DISTINCT key, src FROM cat_pairs", "key",
-        refuse=None if one_to_one else "not one id per category",
+        refuse=None if one_to_one else "not one id per category", keep="names as in the run",
     )
     return {"images": images, "annotations": annotations, "categories": categories}
 

@@ -99,7 +99,7 @@ def test_score_is_pred_iou_else_box_iou(coco_run, tmp_path):
 
 
 def test_non_integer_or_repeated_ids_are_renumbered_and_the_file_says_so(coco_run, tmp_path):
-    _, out = coco_run
+    ann, out = coco_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     # rewrite the shards so that source ids are text, as a hf or demo source may give (readers
@@ -108,9 +108,22 @@ def test_non_integer_or_repeated_ids_are_renumbered_and_the_file_says_so(coco_ru
         duckdb.sql(f"COPY (SELECT * REPLACE ('img-' || source_image_id AS source_image_id) "
                    f"FROM '{part}') TO '{part}.new' (FORMAT parquet)")
         (part.parent / (part.name + ".new")).replace(part)
+    # ... and one category id for every category
+    for part in (copy / "objects").glob("*.parquet"):
+        duckdb.sql(f"COPY (SELECT * REPLACE (7 AS source_category_id) "
+                   f"FROM '{part}') TO '{part}.new' (FORMAT parquet)")
+        (part.parent / (part.name + ".new")).replace(part)
     exported = export(copy, tmp_path)
-    assert exported["info"]["ids"]["images"].startswith("renumbered 1..4")
-    assert exported["info"]["ids"]["annotations"] == "source"
+    ids = exported["info"]["ids"]
+    assert ids["images"].startswith("renumbered 1..4 in engine order")
+    assert ids["categories"].startswith("renumbered 1..3 in engine order")
+    assert ids["annotations"] == "source"
+    names = {c["id"]: c["name"] for c in exported["categories"]}
+    assert names == {1: "blue", 2: "green", 3: "red"}
+    original = {a["id"]: a for a in json.loads(ann.read_text())["annotations"]}
+    source_names = {CATEGORY_IDS[i + 1]: n for i, n in enumerate(["red", "green", "blue"])}
+    for a in exported["annotations"]:
+        assert names[a["category_id"]] == source_names[original[a["id"]]["category_id"]]
     images = {i["mq_image_id"]: i["id"] for i in exported["images"]}
     assert sorted(images.values()) == [1, 2, 3, 4]
     assert list(images) == sorted(images)  # in engine order
