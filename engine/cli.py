@@ -169,8 +169,11 @@ def export(
     ] = "keep",
     root: IMAGE_ROOT = None,
 ) -> None:
-    """Export objects to another format; coco: COCO JSON with the source's ids, RLE segmentation,
-    `score` (pred_iou, else box_iou), provenance and captions as extra keys."""
+    """Export objects to another format (coco: the source's ids, RLE masks, a score per mask).
+
+    coco: ids are the source's (renumbered only when they are not unique integers, as the file's
+    info.ids says); score = pred_iou where the masker predicts one, else box_iou; provenance, scores
+    and captions travel as extra annotation keys."""
     exporter = EXPORTERS.get(format)
     if exporter is None:
         raise ValueError(f"unknown --format {format!r}; choose one of: {_choice(EXPORTERS)}")
