@@ -7,26 +7,38 @@ that says what is wrong; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+import importlib.metadata
 import logging
+import re
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
+import typer._click.exceptions as typer_click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
-from engine.query import FORMATS, connect, format_rows, run_query, stats
+from engine.options import SYNTHESIZE_FLAGS, synthesize_config
+from engine.options import signature as options_signature
+from engine.progress import reporter
+from engine.query import (
+    FORMATS,
+    STATS_FORMATS,
+    connect,
+    format_rows,
+    run_query,
+    stats,
+    stats_json,
+)
 from engine.train_commands import eval_command, train_command
-from pipelines.captioners import CAPTIONERS, CaptionerConfig
-from pipelines.maskers import MASKERS, MaskerConfig
-from pipelines.quality import QualityConfig
-from pipelines.sources import SOURCES, SourceConfig
+from pipelines.export import EXPORTERS
 from pipelines.synthesize import SynthesizeConfig, run
-from schemas import SchemaError
+from schemas import SCHEMA_VERSION, SchemaError
+from schemas.runs import open_run
 
 app = typer.Typer(
     add_completion=False,
@@ -35,176 +47,50 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, SchemaError, PermissionError)
+# typer 0.29 raises its own copies of click's exception classes (typer._click); click's own are
+# kept for code that raises them directly.
+CLICK_EXIT = (typer.Exit, click.exceptions.Exit)
+CLICK_ABORT = (typer.Abort, click.exceptions.Abort)
+CLICK_HELP = (typer_click.NoArgsIsHelpError, click.exceptions.NoArgsIsHelpError)
+CLICK_NO_SUCH_OPTION = (typer_click.NoSuchOption, click.exceptions.NoSuchOption)
+CLICK_USAGE = (typer_click.UsageError, click.exceptions.UsageError)
+CLICK_ERRORS = (typer_click.ClickException, click.ClickException)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(value: object) -> str:
+    """`value` as text that rich prints verbatim: markup escaped, control characters (ANSI escape
+    sequences from data) shown as \\xNN instead of reaching the terminal."""
+    text = CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    return escape(text)
 
 
 def _choice(names) -> str:
     return ", ".join(names)
 
 
-def synthesize(
-    source: Annotated[str, typer.Option(help=f"Annotation source: {_choice(SOURCES)}.")] = "demo",
-    out: Annotated[Path, typer.Option(help="Output folder (created; a rerun resumes it).")] = Path(
-        "runs/demo"
-    ),
-    root: Annotated[
-        Path | None,
-        typer.Option(
-            help="Dataset root: images (and, for objects365, the annotation files) live under it."
-        ),
-    ] = None,
-    annotations: Annotated[
-        Path | None, typer.Option(help="Annotation file (overrides the one found under --root).")
-    ] = None,
-    split: Annotated[str | None, typer.Option(help="Split name, e.g. train or val.")] = None,
-    bbox_format: Annotated[
-        str, typer.Option(help="hf source: box convention of `objects.bbox` (xywh, xyxy, auto).")
-    ] = "auto",
-    masker: Annotated[
-        str, typer.Option(help=f"Box->mask method: {_choice(MASKERS)}, or module:builder.")
-    ] = "grabcut",
-    captioner: Annotated[
-        str, typer.Option(help=f"Captioner: {_choice(CAPTIONERS)}, or module:builder.")
-    ] = "template",
-    unit_size: Annotated[int, typer.Option(help="Images per work unit (= per shard).")] = 64,
-    workers: Annotated[int, typer.Option(help="Parallel workers; 0 = one per CPU or GPU.")] = 0,
-    executor: Annotated[str, typer.Option(help="ray, or local (one process, no Ray).")] = "ray",
-    ray_address: Annotated[
-        str | None, typer.Option(help="Join this Ray cluster instead of starting a local one.")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
-    remask: Annotated[
-        bool,
-        typer.Option(
-            help="Run the masker on objects that already have a "
-            "ground-truth mask too (kept in gt_mask)."
-        ),
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an output folder written with a different configuration.")
-    ] = False,
-    sam_checkpoint: Annotated[
-        Path | None, typer.Option(help="segment-anything checkpoint.")
-    ] = None,
-    sam_model: Annotated[
-        str, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (tiny: tests).")
-    ] = "vit_b",
-    mask_model: Annotated[Path | None, typer.Option(help="transformers SAM/SAM2 folder.")] = None,
-    caption_model: Annotated[
-        Path | None, typer.Option(help="transformers captioner folder.")
-    ] = None,
-    captions_per_object: Annotated[int, typer.Option(help="Captions kept per object.")] = 5,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto (models only).")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="Model compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16.")
-    ] = "auto",
-    multimask: Annotated[
-        bool, typer.Option(help="SAM family: pick the best of 3 candidate masks by predicted IoU.")
-    ] = True,
-    min_region_area: Annotated[
-        int, typer.Option(help="SAM family: remove islands and fill holes under this many pixels.")
-    ] = 0,
-    box_chunk: Annotated[
-        int, typer.Option(help="SAM family: most boxes of one image decoded together.")
-    ] = 64,
-    caption_batch_size: Annotated[
-        int, typer.Option(help="Model captioners: crops per generate() call.")
-    ] = 16,
-    caption_max_tokens: Annotated[
-        int, typer.Option(help="Model captioners: most new tokens per caption.")
-    ] = 30,
-    min_box_iou: Annotated[
-        float,
-        typer.Option(help="Keep masks whose tight box has at least this IoU with the prompt box."),
-    ] = 0.5,
-    min_box_fill: Annotated[
-        float, typer.Option(help="... and cover at least this fraction of the box.")
-    ] = 0.05,
-    max_components: Annotated[
-        int, typer.Option(help="... and have at most this many connected components (0 = any).")
-    ] = 0,
-    min_pred_iou: Annotated[
-        float,
-        typer.Option(
-            help="... and a model-predicted IoU of at least this (when the masker predicts one)."
-        ),
-    ] = 0.88,
-    min_stability: Annotated[
-        float,
-        typer.Option(
-            help="... and a stability score of at least this (when the masker gives one)."
-        ),
-    ] = 0.95,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
-) -> None:
+def synthesize(**flags) -> None:
     """Synthesize masks and captions for every box of a detection dataset into Parquet shards."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    cfg = SynthesizeConfig(
-        source=SourceConfig(source, root, annotations, split, bbox_format),
-        out=out,
-        masker=MaskerConfig(
-            name=masker,
-            sam_checkpoint=sam_checkpoint,
-            sam_model=sam_model,
-            mask_model=mask_model,
-            device=device,
-            dtype=dtype,
-            multimask=multimask,
-            min_region_area=min_region_area,
-            box_chunk=box_chunk,
-        ),
-        captioner=CaptionerConfig(
-            name=captioner,
-            caption_model=caption_model,
-            captions_per_object=captions_per_object,
-            device=device,
-            dtype=dtype,
-            caption_batch_size=caption_batch_size,
-            caption_max_tokens=caption_max_tokens,
-        ),
-        quality=QualityConfig(
-            min_box_iou, min_box_fill, max_components, min_pred_iou, min_stability
-        ),
-        unit_size=unit_size,
-        limit=limit,
-        remask=remask,
-        executor=executor,
-        workers=workers,
-        ray_address=ray_address,
-        overwrite=overwrite,
-    )
-    summary = _run_with_progress(cfg)
+    logging.basicConfig(level=logging.INFO if flags["verbose"] else logging.WARNING)
+    summary = _run_with_progress(synthesize_config(flags))
     _print_summary(summary)
 
 
+# the flags, their types and defaults come from the config dataclasses (engine/options.py)
+synthesize.__signature__ = options_signature(SYNTHESIZE_FLAGS)
+
+
 def _run_with_progress(cfg: SynthesizeConfig):
-    columns = (
-        TextColumn("[bold]synthesize"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("units"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[rate]}"),
-    )
-    start, seen = time.monotonic(), {"images": 0, "objects": 0}
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("units", total=None, rate="planning...")
-
-        def on_unit(entry: dict) -> None:
-            seen["images"] += entry["counts"]["images"]
-            seen["objects"] += entry["counts"]["objects"]
-            dt = max(time.monotonic() - start, 1e-9)
-            rate = f"{seen['images'] / dt:.1f} images/s, {seen['objects'] / dt:.1f} objects/s"
-            progress.update(task, advance=1, rate=rate)
-
-        def started(total: int, done: int, *_images: int) -> None:
-            progress.update(task, total=total, completed=done, rate="starting workers...")
-
-        return run(cfg, on_unit=on_unit, on_start=started)
+    progress = reporter(console)  # checks MQENGINE_PROGRESS_INTERVAL before any work
+    try:
+        return run(cfg, on_unit=progress.on_unit, on_start=progress.on_start)
+    finally:
+        progress.close()
 
 
 def _print_summary(summary) -> None:
     t = summary.totals
-    table = Table(title=f"{summary.out}  (run {summary.run_id})")
+    table = Table(title=plain(f"{summary.out}  (run {summary.run_id})"))
     for col in ("images", "images bad", "objects", "kept", "filtered", "rejected"):
         table.add_column(col, justify="right")
     table.add_row(
@@ -239,60 +125,76 @@ def query(
 
 
 def _table(columns: list[str], rows: list[tuple], title: str | None = None) -> Table:
-    table = Table(title=title)
+    table = Table(title=title and plain(title))
     for c in columns:
-        table.add_column(c)
+        table.add_column(plain(c))
     for r in rows:
-        table.add_row(*(("" if v is None else str(v)) for v in r))
+        table.add_row(*(("" if v is None else plain(v)) for v in r))
     return table
 
 
 def stats_command(
     out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
+    format: Annotated[str, typer.Option("--format", help=f"{_choice(STATS_FORMATS)}")] = "table",
 ) -> None:
-    """Counts by source, status, mask provenance, reject reason, category and caption provenance."""
+    """Counts by source, status, mask provenance, reject code, category and caption provenance."""
+    if format not in STATS_FORMATS:
+        raise ValueError(f"unknown --format {format!r}; choose one of: {_choice(STATS_FORMATS)}")
+    report = stats(out)
+    if format == "json":
+        sys.stdout.write(stats_json(report))
+        return
     out_console = Console()
-    for title, (columns, rows) in stats(out).items():
+    for title, (columns, rows) in report.items():
         out_console.print(_table(columns, rows, title))
 
 
+RUN_DIR = Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")]
+IMAGE_ROOT = Annotated[
+    Path | None,
+    typer.Option(help="Image root to use instead of the one the run recorded (the data moved)."),
+]
+
+
 def export(
-    out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
-    dest: Annotated[Path, typer.Option("--to", help="COCO JSON file to write.")],
+    out: RUN_DIR,
+    dest: Annotated[Path, typer.Option("--to", help="File to write.")],
+    format: Annotated[str, typer.Option("--format", help=f"{_choice(EXPORTERS)}")] = "coco",
     where: Annotated[
         str,
         typer.Option(
-            help="SQL condition on objects selecting what to "
+            help="One SQL condition on objects selecting what to "
             "export ('true' for everything with a mask)."
         ),
     ] = "keep",
+    root: IMAGE_ROOT = None,
 ) -> None:
-    """Export objects as COCO-format JSON (RLE segmentation; provenance and captions as extra
-    keys)."""
-    from pipelines.export import export_coco
+    """Export objects to another format (coco: the source's ids, RLE masks, a score per mask).
 
-    counts = export_coco(connect(out), dest, where)
-    console.print(
-        f"wrote {dest}: {counts['images']} images, {counts['annotations']} annotations, "
-        f"{counts['categories']} categories"
-    )
+    coco: ids are the source's (renumbered only when they are not unique integers, as the file's
+    info.ids says); score = pred_iou where the masker predicts one, else box_iou; provenance, scores
+    and captions travel as extra annotation keys."""
+    exporter = EXPORTERS.get(format)
+    if exporter is None:
+        raise ValueError(f"unknown --format {format!r}; choose one of: {_choice(EXPORTERS)}")
+    counts = exporter(open_run(out, root=root), dest, where)
+    summary = ", ".join(f"{n} {what}" for what, n in counts.items())
+    console.print(f"wrote {plain(dest)}: {plain(summary)}")
 
 
 def show(
-    out: Annotated[Path, typer.Argument(help="An `engine synthesize` output folder.")],
+    out: RUN_DIR,
     dest: Annotated[Path, typer.Option("--to", help="PNG file to write.")] = Path("show.png"),
     image_id: Annotated[
         str | None, typer.Option(help="Image to draw (default: the first one with objects).")
     ] = None,
+    root: IMAGE_ROOT = None,
 ) -> None:
     """Draw one image with its masks, boxes and first captions into a PNG."""
     from pipelines.render import render
-    from pipelines.shards import Manifest
 
-    manifest = Manifest.load(out)
-    if manifest is None:
-        raise FileNotFoundError(f"{out}: no manifest.json (is it an output folder?)")
-    con = connect(out)
+    run = open_run(out, root=root)
+    con = connect(run)
     if image_id is None:
         first = con.execute(
             "SELECT min(image_id) FROM images WHERE status = 'ok' AND num_objects > 0"
@@ -304,8 +206,8 @@ def show(
     cursor = con.execute("SELECT * FROM objects WHERE image_id = ? ORDER BY object_id", [image_id])
     columns = [d[0] for d in cursor.description]
     objects = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
-    render(Path(manifest.data["source"]["root"]), row[0], objects, dest)
-    console.print(f"wrote {dest}: {image_id} with {len(objects)} objects")
+    render(run.root, row[0], objects, dest)
+    console.print(f"wrote {plain(dest)}: {plain(image_id)} with {len(objects)} objects")
 
 
 COMMANDS = {
@@ -321,22 +223,74 @@ for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
 
 
+def version_text() -> str:
+    try:
+        version = importlib.metadata.version("mqengine")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        version = "unknown (not installed)"
+    return f"mqengine {version}, schema {SCHEMA_VERSION}"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True,
+            help="Print the engine and schema versions and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Options of `engine` itself (the app's help text is given to typer.Typer)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `engine` script; returns the exit code (tests call it directly)."""
     try:
         app(args=argv, standalone_mode=False, prog_name="engine")
-    except click.exceptions.Exit as exc:
+    except CLICK_EXIT as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except CLICK_HELP as exc:  # bare `engine` or a bare group: the help, as click prints it
         exc.show()
+        return 2
+    except CLICK_USAGE as exc:
+        _error(_usage_message(exc))
+        return 2
+    except CLICK_ERRORS as exc:
+        _error(exc.format_message())
         return exc.exit_code
-    except click.exceptions.Abort:
+    except CLICK_ABORT:
         console.print("aborted")
         return 130
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         return 2
     return 0
+
+
+def _usage_message(exc) -> str:
+    """One line for a usage mistake: click's message, the option most likely meant, and the help
+    command to run."""
+    message = exc.format_message()
+    if isinstance(exc, CLICK_NO_SUCH_OPTION) and exc.possibilities:
+        best = difflib.get_close_matches(exc.option_name, exc.possibilities, n=1, cutoff=0)
+        message = f"{exc.message} (did you mean {best[0]}?)"
+    if exc.ctx is not None:
+        message = f"{message.rstrip('.')} (try '{exc.ctx.command_path} --help')"
+    return message
+
+
+def _error(message: str) -> None:
+    """Print `error: message` as one line on stderr; the message may hold user data, so it is
+    printed escaped (no markup, no terminal control sequences)."""
+    one_line = " ".join(message.splitlines())
+    console.print(f"[red]error:[/red] {plain(one_line)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

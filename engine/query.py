@@ -64,9 +64,12 @@ STATS_QUERIES = {
         "SELECT coalesce(mask_origin, '(none)') AS mask_origin, status, count(*) AS objects "
         "FROM objects GROUP BY ALL ORDER BY ALL"
     ),
-    "reject and filter reasons (top 20)": (
-        "SELECT status, reject_reason, count(*) AS objects FROM objects WHERE NOT keep "
-        "GROUP BY ALL ORDER BY objects DESC, reject_reason LIMIT 20"
+    # grouped by the code (a small vocabulary, schemas.REJECT_CODES); the free-text reasons name
+    # values and paths, so grouping by them gave one row per object. One example reason per code.
+    "reject and filter reasons by code": (
+        "SELECT status, reject_code, count(*) AS objects, "
+        "arg_min(reject_reason, object_id) AS example_reason FROM objects WHERE NOT keep "
+        "GROUP BY ALL ORDER BY objects DESC, status, reject_code"
     ),
     "categories (top 25)": (
         "SELECT category, count(*) AS objects, count(*) FILTER (WHERE keep) AS kept, "
@@ -80,10 +83,23 @@ STATS_QUERIES = {
 }
 
 
-def stats(out: Path) -> dict[str, tuple[list[str], list[tuple]]]:
+STATS_FORMATS = ("table", "json")
+
+
+def stats(out: Path | Run) -> dict[str, tuple[list[str], list[tuple]]]:
+    """The stats report of run `out`: section title -> (columns, rows)."""
     con = connect(out)
     report = {}
     for title, sql in STATS_QUERIES.items():
         result = con.execute(sql)
         report[title] = ([d[0] for d in result.description], result.fetchall())
     return report
+
+
+def stats_json(report: dict[str, tuple[list[str], list[tuple]]]) -> str:
+    """The report as one JSON object: section title -> list of row objects."""
+    sections = {
+        title: [dict(zip(columns, r, strict=True)) for r in rows]
+        for title, (columns, rows) in report.items()
+    }
+    return json.dumps(sections, default=str, indent=1) + "\n"
