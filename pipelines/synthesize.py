@@ -268,7 +268,8 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     manifest = Manifest.load(cfg.out)
     old = manifest.data if manifest is not None else {}
     resolved = resolved_config(cfg, source)
-    resolved["inputs"] = input_fingerprint(input_files(source), old.get("inputs"))["files"]
+    inputs = input_fingerprint(input_files(source), old.get("inputs"))
+    resolved["inputs"] = inputs["files"]
     fp = fingerprint(resolved)
     if manifest is not None and manifest.data.get("fingerprint") != fp:
         if not cfg.overwrite:
@@ -280,7 +281,8 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     plan_path = cfg.out / "_plan" / "plan.parquet"
     plan = open_plan(plan_path, fp)
     if plan is None or manifest is None:
-        manifest = _new_plan(cfg, source, resolved, fp, plan_path)
+        manifest = _new_plan(cfg, source, resolved, fp, plan_path, inputs)
+    manifest.data["inputs"] = inputs  # fresh mtimes: the next resume costs a stat again
     done = manifest.done_units(check_inputs=True)
     for key in [k for k in manifest.units if int(k) not in done]:
         log.warning("unit %s: files or input images changed since they were written; redoing it",
@@ -300,7 +302,9 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     return manifest, spec, pending
 
 
-def _new_plan(cfg: SynthesizeConfig, source, resolved: dict, fp: str, plan_path: Path) -> Manifest:
+def _new_plan(
+    cfg: SynthesizeConfig, source, resolved: dict, fp: str, plan_path: Path, inputs: dict
+) -> Manifest:
     records = source.records()
     if cfg.limit is not None:
         records = islice(records, cfg.limit)
@@ -319,7 +323,7 @@ def _new_plan(cfg: SynthesizeConfig, source, resolved: dict, fp: str, plan_path:
         "code_version": code_version(),
         "source": resolved["source"],
         "config": resolved,
-        "inputs": input_fingerprint(input_files(source)),
+        "inputs": inputs,
         "plan": {
             "units": plan.num_units,
             "images": plan.num_images,
