@@ -19,16 +19,7 @@ def connect(out: Path | Run) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views of run `out` registered: exactly the part files its
     manifest lists (schemas.runs), never a glob of the folder."""
     run = out if isinstance(out, Run) else open_run(Path(out))
-    con = duckdb.connect()
-    for table in ("images", "objects"):
-        files = ", ".join("'" + f.replace("'", "''") + "'" for f in run.files(table))
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}])")
-    con.execute(
-        "CREATE VIEW captions AS SELECT object_id, image_id, category, status, keep, "
-        "c.text AS text, c.provenance AS provenance, c.score AS score "
-        "FROM (SELECT *, unnest(captions) AS c FROM objects)"
-    )
-    return con
+    return run.connect()
 
 
 def run_query(out: Path, sql: str) -> tuple[list[str], list[tuple]]:

@@ -16,8 +16,12 @@ from schemas.annotations import (
     validate,
     with_version,
 )
+from schemas.runs import Run, RunError, open_run
 
 __all__ = [
+    "Run",
+    "RunError",
+    "open_run",
     "FILTERED",
     "GT",
     "IMAGE_STATUS_CODES",

@@ -86,6 +86,22 @@ class Run:
         """The part files of `table` as strings (what DuckDB's read_parquet and datasets take)."""
         return [str(p) for p in self.parts[table]]
 
+    def connect(self):
+        """A DuckDB connection with the views `images`, `objects` and `captions` (one row per
+        caption, with its object's id, category and status) over exactly this run's parts."""
+        import duckdb
+
+        con = duckdb.connect()
+        for table in TABLE_NAMES:
+            files = ", ".join("'" + f.replace("'", "''") + "'" for f in self.files(table))
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}])")
+        con.execute(
+            "CREATE VIEW captions AS SELECT object_id, image_id, category, status, keep, "
+            "c.text AS text, c.provenance AS provenance, c.score AS score "
+            "FROM (SELECT *, unnest(captions) AS c FROM objects)"
+        )
+        return con
+
 
 def open_run(run_dir: Path, root: Path | None = None, require_parts: bool = True) -> Run:
     """Open the run in `run_dir`. `root` overrides the image root the manifest recorded (the data
