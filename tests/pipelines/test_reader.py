@@ -35,7 +35,7 @@ def test_samples_match_duckdb_and_pycocotools(run_dir):
     assert s["masks"].shape == (len(s["object_ids"]), height, width)
     rows = con.execute("SELECT mask, box FROM objects WHERE image_id = ? AND keep "
                        "ORDER BY object_id", [s["image_id"]]).fetchall()
-    for mask, (m, box) in zip(s["masks"], rows, strict=True):
+    for mask, (m, _box) in zip(s["masks"], rows, strict=True):
         ref = mask_utils.decode({"size": [m["height"], m["width"]], "counts": m["counts"].encode()})
         np.testing.assert_array_equal(mask, ref.astype(bool))
     np.testing.assert_allclose(s["boxes"], [b for _, b in rows])
