@@ -106,6 +106,7 @@ class AdeSemanticSource:
                     if known
                     else f"pixel value {v} not in the class list "
                     f"({len(self.classes)} classes, {self.annotation_file})",
+                    error_code=None if known else "category_unknown",
                 )
             )
         return record

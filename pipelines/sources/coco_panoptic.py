@@ -134,8 +134,10 @@ class CocoPanopticSource:
         )
         if cat is None:
             obj.error = f"unknown category_id {seg['category_id']}"
+            obj.error_code = "category_unknown"
         elif not mask.any():
             obj.error = f"segment id {seg['id']} has no pixels in the PNG of image {image_id}"
+            obj.error_code = "gt_mask_invalid"
         return obj
 
 

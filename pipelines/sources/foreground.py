@@ -77,6 +77,7 @@ class ForegroundSource:
             attributes={"isthing": True},
             gt_mask=encoded,
             error=None if mask.any() else f"mask {mask_path} is empty",
+            error_code=None if mask.any() else "gt_mask_invalid",
         )
         return ImageRecord(stem, file, mask.shape[1], mask.shape[0], objects=[obj])
 

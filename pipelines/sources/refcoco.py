@@ -109,6 +109,7 @@ class RefCocoSource:
                         [float("nan")] * 4,
                         captions=texts,
                         error=f"ann_id {ann_id} not in {self.instances_file}",
+                        error_code="annotation_invalid",
                     )
                 )
                 continue
@@ -127,10 +128,12 @@ class RefCocoSource:
                 obj.gt_mask = mask_codec.from_segmentation(
                     ann["segmentation"], int(info["height"]), int(info["width"])
                 )
-            except (KeyError, ValueError, TypeError) as e:
+            except (KeyError, ValueError) as e:  # validated before pycocotools sees it
                 obj.error = f"ann {ann_id}: bad segmentation ({e})"
+                obj.error_code = "gt_mask_invalid"
             if cat is None:
                 obj.error = f"unknown category_id {ann['category_id']}"
+                obj.error_code = "category_unknown"
             record.objects.append(obj)
         return record
 
