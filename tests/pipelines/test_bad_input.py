@@ -383,6 +383,35 @@ def test_hf_objects_carry_reject_codes(tmp_path):
     assert "odd number of coordinates" in objects[4]["reject_reason"]
 
 
+def test_hf_size_from_an_exif_rotated_header_is_the_displayed_size(tmp_path):
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    features = Features({"image": ImageFeature(),
+                         "objects": List({"bbox": List(Value("float64")),
+                                          "category": Value("string")})})
+    rows = {"image": [{"bytes": _exif_jpeg(_pixels(8), 6), "path": None}],
+            "objects": [[{"bbox": [1.0, 1.0, 8.0, 8.0], "category": "thing"}]]}
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train-0.parquet"))
+    images, objects, _ = run_unit(tmp_path, HFSource(tmp_path, bbox_format="xywh"))
+    assert [(i["status"], i["width"], i["height"]) for i in images] == [("ok", H, W)]
+    assert [o["status"] for o in objects] == ["kept"]
+
+
+def test_objects365_inherits_the_coco_reject_codes(tmp_path):
+    from pipelines.sources.objects365 import Objects365Source
+
+    ann = write_case(tmp_path, segmentation=[[5, 5, 20, 5]])
+    doc = json.loads(ann.read_text())
+    doc["annotations"][0]["category_id"] = 77
+    ann.write_text(json.dumps(doc))
+    _, objects, n_input = run_unit(tmp_path, Objects365Source("val", tmp_path, ann, version=2))
+    assert_counts_add_up(objects, n_input, 5)
+    codes = {o["source_ann_id"]: o["reject_code"] for o in objects}
+    assert codes == {"10": "category_unknown", "11": None, "20": None, "21": None,
+                     "99": "gt_mask_invalid"}
+
+
 # --------------------------------------------------------------------------- end to end (CLI)
 def test_synthesize_cli_rejects_bad_input_and_counts_add_up(tmp_path, capsys):
     """One dataset holding several cases at once, through `engine synthesize` and DuckDB."""
@@ -417,3 +446,14 @@ def test_synthesize_cli_rejects_bad_input_and_counts_add_up(tmp_path, capsys):
         "SELECT count(*) FILTER (status = 'kept'), count(*) FILTER (status = 'filtered'), "
         "count(*) FILTER (status = 'rejected') FROM objects").fetchall()
     assert kept + filtered + rejected == n_annotations == 9
+    # Training and `engine show` decode through the same function: the displayed frame.
+    from model.data import ShardSet
+    from pipelines.render import render
+
+    displayed = np.rot90(_stored_pixels((data / "images" / "rotated.jpg").read_bytes()), k=-1)
+    shards = ShardSet(out)
+    entry = next(e for part in shards.images.values() for e in part
+                 if e.file_path == "images/rotated.jpg")
+    np.testing.assert_array_equal(shards.read_image(entry), displayed)
+    shown = render(data, "images/rotated.jpg", [], tmp_path / "show.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(shown).convert("RGB")), displayed)
