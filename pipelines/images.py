@@ -98,6 +98,19 @@ def read_regular_file(path: Path) -> bytes:
         return f.read()
 
 
+def read_label_map(path: Path, flags: int) -> np.ndarray | None:
+    """A label/mask PNG of a ground-truth source through OpenCV (`cv2.IMREAD_*` flags), read as a
+    regular file only (cv2.imread would block forever on a FIFO); None when it cannot be read or
+    decoded, like cv2.imread."""
+    import cv2
+
+    try:
+        data = read_regular_file(path)
+    except OSError:
+        return None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+
+
 def _file_kind(mode: int) -> str:
     kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))

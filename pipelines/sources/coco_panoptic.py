@@ -22,6 +22,7 @@ import cv2
 import ijson
 import numpy as np
 
+from pipelines.images import read_label_map
 from pipelines.records import ImageRecord, SourceObject
 from pipelines.sources import SourceConfig
 from schemas import masks as mask_codec
@@ -105,7 +106,7 @@ class CocoPanopticSource:
             str(image_id), info["file_name"], info.get("width"), info.get("height")
         )
         png_path = self.png_dir / ann["file_name"]
-        png = cv2.imread(str(png_path), cv2.IMREAD_COLOR)
+        png = read_label_map(png_path, cv2.IMREAD_COLOR)
         if png is None:
             record.error, record.error_status = (
                 f"panoptic PNG {png_path} missing or unreadable",

@@ -94,7 +94,7 @@ def _fail(path: Path, where: str, reason: str) -> ValueError:
 def _id_key(value: Any, path: Path, where: str) -> str:
     """An image/annotation id as text; ints and strings are both seen in COCO-format files."""
     if isinstance(value, bool) or not isinstance(value, int | str | float):
-        raise _fail(path, where, f"id must be an integer or a string, got {value!r}")
+        raise _fail(path, where, f"id must be an integer or a string, got {reprlib.repr(value)}")
     if isinstance(value, float):
         if not value.is_integer():
             raise _fail(path, where, f"id must be an integer or a string, got {value!r}")
@@ -106,7 +106,7 @@ def _opt_int(value: Any, path: Path, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _fail(path, where, f"expected a number, got {value!r}")
+        raise _fail(path, where, f"expected a number, got {reprlib.repr(value)}")
     return int(value)
 
 
@@ -162,7 +162,7 @@ def _image_row(item: Any, ord_: int, path: Path) -> tuple:
         raise _fail(path, where, "missing 'id'")
     file_name = item.get("file_name")
     if type(file_name) is not str:
-        raise _fail(path, where, f"'file_name' must be a string, got {file_name!r}")
+        raise _fail(path, where, f"'file_name' must be a string, got {reprlib.repr(file_name)}")
     return (ord_, _id_key(item["id"], path, where + ".id"), file_name,
             _opt_int(item.get("width"), path, where + ".width"),
             _opt_int(item.get("height"), path, where + ".height"))
@@ -252,9 +252,9 @@ def _check_categories(categories: Any, path: Path) -> list[dict]:
             raise _fail(path, where, f"expected an object, got {type(cat).__name__}")
         cid, name = cat.get("id"), cat.get("name")
         if not (_is_number(cid) and float(cid).is_integer()):
-            raise _fail(path, where, f"'id' must be an integer, got {cid!r}")
+            raise _fail(path, where, f"'id' must be an integer, got {reprlib.repr(cid)}")
         if not isinstance(name, str):
-            raise _fail(path, where, f"'name' must be a string, got {name!r}")
+            raise _fail(path, where, f"'name' must be a string, got {reprlib.repr(name)}")
         if int(cid) in seen:
             raise _fail(path, where, f"duplicate category id {int(cid)}")
         seen.add(int(cid))

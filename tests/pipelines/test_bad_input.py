@@ -265,6 +265,25 @@ def test_bad_image_rejects_its_objects_and_nothing_else(tmp_path, name):
         assert o["image_id"] != case["image_id"] or detail in o["reject_reason"]
 
 
+def test_fifo_label_maps_of_gt_sources_are_reported_not_read(tmp_path):
+    from pipelines.sources import SourceConfig, open_source
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_png(_pixels(9)))
+    (tmp_path / "masks").mkdir()
+    os.mkfifo(tmp_path / "masks" / "a.png")
+    labels = tmp_path / "annotations" / "training"
+    labels.mkdir(parents=True)
+    os.mkfifo(labels / "b.png")
+    (tmp_path / "classes.txt").write_text("wall\n")
+    with hang_guard(20):
+        (fg,) = open_source(SourceConfig("foreground", tmp_path / "img", tmp_path / "masks"))\
+            .records()
+        (ade,) = open_source(SourceConfig("ade_semantic", tmp_path, tmp_path / "classes.txt"))\
+            .records()
+    assert "unreadable" in fg.error and "unreadable" in ade.error
+
+
 def test_decompression_bomb_is_rejected_in_coco_and_hf(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # a 64x48 image is then over 2x the limit
     ann = write_case(tmp_path / "coco")
