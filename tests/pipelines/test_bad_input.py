@@ -476,3 +476,17 @@ def test_synthesize_cli_rejects_bad_input_and_counts_add_up(tmp_path, capsys):
     np.testing.assert_array_equal(shards.read_image(entry), displayed)
     shown = render(data, "images/rotated.jpg", [], tmp_path / "show.png")
     np.testing.assert_array_equal(np.asarray(Image.open(shown).convert("RGB")), displayed)
+
+
+@pytest.mark.parametrize("field", ["width", "file_name", "id"])
+def test_deeply_nested_image_field_is_a_one_line_error(tmp_path, capsys, field):
+    ann = write_case(tmp_path / "ds")
+    doc = json.loads(ann.read_text())
+    doc["images"][1][field] = "@DEEP@"
+    ann.write_text(json.dumps(doc).replace('"@DEEP@"', "[" * 20_000 + "]" * 20_000))
+    code = main(["synthesize", "--source", "coco", "--annotations", str(ann), "--out",
+                 str(tmp_path / "run"), "--executor", "local", "--masker", "box"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"{ann}: images[1]" in errors[0] and "[[[[" in errors[0]
