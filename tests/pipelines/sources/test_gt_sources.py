@@ -106,6 +106,28 @@ def test_coco_panoptic_segments(tmp_path):
     assert records[2].error == "no panoptic annotation for this image"
 
 
+def test_coco_panoptic_malformed_segments_and_png_names_are_rejected_rows(tmp_path):
+    path, ids = write_panoptic(tmp_path)
+    doc = json.loads(path.read_text())
+    segments = doc["annotations"][0]["segments_info"]
+    del segments[0]["category_id"]  # malformed: no category
+    segments.append("not a segment")
+    doc["annotations"][1]["file_name"] = "../../escape.png"
+    path.write_text(json.dumps(doc))
+    records = list(open_source(SourceConfig("coco_panoptic", tmp_path / "val2017", path))
+                   .records())
+    objs = records[0].objects
+    assert [o.error_code for o in objs] == ["annotation_invalid", None, None,
+                                            "category_unknown", "annotation_invalid"]
+    assert "segments_info[0] is malformed: KeyError" in objs[0].error
+    assert np.array_equal(decode(objs[1].gt_mask), ids == 70005)  # the rest are unaffected
+    assert records[1].error_status == "unsafe_path" and "escape.png" in records[1].error
+    doc["annotations"][0]["image_id"] = "one"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"annotations\[0\]: 'image_id' must be an integer"):
+        list(open_source(SourceConfig("coco_panoptic", tmp_path / "val2017", path)).records())
+
+
 def test_coco_panoptic_needs_the_png_folder(tmp_path):
     path = tmp_path / "panoptic_train2017.json"
     path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
@@ -264,6 +286,18 @@ def test_refcoco_bad_segmentation_is_gt_mask_invalid(tmp_path, segmentation, cod
     (person,) = records[1].objects
     assert person.error_code == code and "bad segmentation" in person.error
     assert person.gt_mask is None
+
+
+def test_refcoco_malformed_annotation_is_a_rejected_object(tmp_path):
+    folder = write_refcoco(tmp_path)
+    instances = json.loads((folder / "instances.json").read_text())
+    instances["annotations"][0]["bbox"] = None
+    (folder / "instances.json").write_text(json.dumps(instances))
+    records = list(open_source(SourceConfig("refcoco", tmp_path, folder / "refs.json", "val"))
+                   .records())
+    (person,) = records[1].objects
+    assert person.error_code == "annotation_invalid" and "ann 100" in person.error
+    assert person.captions == ["man on left", "guy", "person in red"]  # still reported
 
 
 class _Exploit:
