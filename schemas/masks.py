@@ -217,7 +217,10 @@ def _polygon(polygon, k: int, height: int, width: int) -> list[float]:
     if len(polygon) < 6:
         n = len(polygon) // 2
         raise ValueError(f"polygon {k} has {n} point{'' if n == 1 else 's'}; at least 3 are needed")
-    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    try:
+        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    except OverflowError:  # a JSON integer beyond float range
+        raise ValueError(f"polygon {k} has a coordinate too large for a float") from None
     if not np.isfinite(xy).all():
         raise ValueError(f"polygon {k} has non-finite coordinates")
     low, high = np.array([-width, -height]), np.array([2 * width, 2 * height])

@@ -171,6 +171,20 @@ def test_malformed_segmentation_rejects_that_object_only(tmp_path, name):
     assert {i["status"] for i in images} == {"ok"}
 
 
+def test_from_segmentation_raises_value_error_only(tmp_path):
+    """Every malformed segmentation, also ones a JSON parser other than yajl can produce (an
+    integer beyond float range, tuples, a 20k-deep list built in Python), is a ValueError."""
+    deep: list = []
+    for _ in range(20_000):
+        deep = [deep]
+    cases = [v for v in BAD_SEGMENTATIONS.values() if v != "DEEP"] + [
+        [[5, 5, 10**400, 5, 20, 20]], deep, {"size": (H, W), "counts": (1, 2)}, {"counts": 3},
+        {"size": [H, W], "counts": b"\xff\xfe"}, {"size": [H, W], "counts": [2**40]}, "text", 7]
+    for seg in cases:
+        with pytest.raises(ValueError):
+            rle.from_segmentation(seg, H, W)
+
+
 def test_polygon_details_name_the_problem(tmp_path):
     ann = write_case(tmp_path, segmentation=BAD_SEGMENTATIONS["polygon_two_points"])
     _, objects, _ = coco_unit(tmp_path, ann)
