@@ -25,6 +25,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # convert("RGB") clips them at 255 (99.6% of a full-range image turns white), so they are scaled.
 _WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
+# Files above this are not read into memory: PIL's bomb limit (2 x 89.5M pixels) already refuses
+# the images such files could hold (even uncompressed RGB at that size is ~540 MB).
+MAX_IMAGE_BYTES = 1 << 30
+
 
 @dataclass
 class LoadedImage:
@@ -74,29 +78,38 @@ class NotRegularFile(PermissionError):
     """The path names a FIFO, device or socket: refused, never opened for reading."""
 
 
+class FileTooLarge(OSError):
+    """The file is larger than MAX_IMAGE_BYTES: refused, never read into memory."""
+
+
 def read_regular_file(path: Path) -> bytes:
     """The bytes of `path`, which must be a regular file.
 
     A FIFO would block the read forever and a device could stream without end, so the file type is
     checked with os.stat before opening, and again on the open descriptor (O_NONBLOCK: a FIFO that
     replaced the file in between does not block the open either). Raises FileNotFoundError
-    (missing, or a directory), NotRegularFile (another kind of file) or OSError (unreadable), each
-    naming the path.
+    (missing, or a directory), NotRegularFile (another kind of file), FileTooLarge (over
+    MAX_IMAGE_BYTES) or OSError (unreadable), each naming the path.
     """
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    if stat.S_ISDIR(mode):
-        raise FileNotFoundError(f"{path} is a directory, not an image file")
-    if not stat.S_ISREG(mode):
-        raise NotRegularFile(f"{path} is not a regular file ({_file_kind(mode)}); not read")
+    _check_kind(path, st)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(f"{path} is not a regular file ({_file_kind(mode)}); not read")
+        _check_kind(path, os.fstat(fd))
         return f.read()
+
+
+def _check_kind(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise FileNotFoundError(f"{path} is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(f"{path} is not a regular file ({_file_kind(st.st_mode)}); not read")
+    if st.st_size > MAX_IMAGE_BYTES:
+        raise FileTooLarge(f"{path} has {st.st_size} bytes, more than MAX_IMAGE_BYTES "
+                           f"({MAX_IMAGE_BYTES}); not read")
 
 
 def read_label_map(path: Path, flags: int) -> np.ndarray | None:
@@ -132,6 +145,8 @@ def load_image(root: Path, relative: str, width: int | None, height: int | None)
         data = read_regular_file(path)
     except NotRegularFile as exc:
         return LoadedImage(None, None, "unsafe_path", str(exc))
+    except FileTooLarge as exc:
+        return LoadedImage(None, None, "corrupt", str(exc))
     except FileNotFoundError as exc:
         return LoadedImage(None, None, "missing", str(exc))
     except OSError as exc:

@@ -261,6 +261,9 @@ BAD_IMAGES = {
     "directory": (dict(make_file=Path.mkdir), "missing", "image_missing", "is a directory"),
     "not_an_image": (dict(case_bytes=b"plain text"), "corrupt", "image_corrupt",
                      "not a known image format"),
+    # sparse: no disk used, but reading it would take 1 GiB of memory
+    "over_a_gibibyte": (dict(make_file=lambda p: os.truncate(p.touch() or p, (1 << 30) + 1)),
+                        "corrupt", "image_corrupt", "more than MAX_IMAGE_BYTES"),
 }
 
 
