@@ -59,7 +59,7 @@ def decode_rgb(data: bytes, where: str) -> np.ndarray:
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            # In place: without an orientation tag nothing is copied (a copy doubled decode time).
+            # In place: an image without an orientation tag is not copied before convert().
             ImageOps.exif_transpose(img, in_place=True)
             if img.mode in _WIDE_GRAY_MODES:
                 wide = np.asarray(img).astype(np.int64)
