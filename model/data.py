@@ -36,6 +36,7 @@ import torch
 
 from model import transforms as T
 from model.mixture import DatasetSpec, Mixture, load_mixture
+from pipelines.images import decode_rgb, read_regular_file
 from schemas import masks as mask_codec
 
 __all__ = ["MixtureLoader", "ShardSet", "iter_eval_samples", "load_mixture", "image_hashes"]
@@ -155,11 +156,12 @@ class ShardSet:
     def read_image(self, entry: ImageEntry) -> np.ndarray:
         """(h, w, 3) uint8 RGB pixels of an indexed image."""
         path = self.root / entry.file_path
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(
-                f"{self.dir}: image {entry.image_id!r}: {path} missing or unreadable")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        try:
+            data = read_regular_file(path)  # a FIFO in place of an image must not hang training
+        except OSError as e:
+            raise FileNotFoundError(f"{self.dir}: image {entry.image_id!r}: {e}") from None
+        # The engine's one decoder: the EXIF-applied frame the shards' boxes and masks are in.
+        return decode_rgb(data, f"{self.dir}: image {entry.image_id!r}: {path}")
 
 
 # --------------------------------------------------------------------------------------- targets

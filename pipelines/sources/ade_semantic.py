@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipelines.images import read_label_map
 from pipelines.records import ImageRecord, SourceObject
 from pipelines.sources import SourceConfig
 from schemas import masks as mask_codec
@@ -81,7 +82,7 @@ class AdeSemanticSource:
 
     def _record(self, png: Path) -> ImageRecord:
         record = ImageRecord(png.stem, self._image_file(png.stem), None, None)
-        labels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+        labels = read_label_map(png, cv2.IMREAD_UNCHANGED)
         if labels is None or labels.ndim != 2:
             record.error = f"label map {png} unreadable or not single-channel"
             return record
@@ -106,6 +107,7 @@ class AdeSemanticSource:
                     if known
                     else f"pixel value {v} not in the class list "
                     f"({len(self.classes)} classes, {self.annotation_file})",
+                    error_code=None if known else "category_unknown",
                 )
             )
         return record

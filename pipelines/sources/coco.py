@@ -122,9 +122,10 @@ class CocoSource:
                 record: ImageRecord) -> SourceObject:
         cid = ann["category_id"]
         errors, codes = [], []  # codes[0] becomes the object's reject_code
-        if ann["error"]:  # scan time: a malformed bbox or category_id
-            errors.append(ann["error"])
-            codes.append("box_invalid" if ann["error"].startswith("bbox") else "annotation_invalid")
+        if ann["error"]:  # scan time: a malformed bbox, category_id or segmentation shape
+            for problem in ann["error"].split("; "):
+                errors.append(problem)
+                codes.append(_SCAN_CODES.get(problem.split(" ", 1)[0], "annotation_invalid"))
         if cid is not None and cid not in categories:
             errors.append(f"unknown category id {cid}")
             codes.append("category_unknown")
@@ -135,7 +136,7 @@ class CocoSource:
         if ann["segmentation"] is not None:
             mask, seg_error = _mask(ann["segmentation"], record.height, record.width)
             if seg_error:
-                errors.append(seg_error)
+                errors.append(f"annotation {ann['ann_key']}: {seg_error}")
                 codes.append("gt_mask_invalid")
         return SourceObject(
             ann_id=ann["ann_key"],
@@ -150,6 +151,9 @@ class CocoSource:
             error_code=codes[0] if codes else None,
         )
 
+
+# First word of a scan-time error (pipelines.sources.stream._ann_row) -> its reject code.
+_SCAN_CODES = {"bbox": "box_invalid", "segmentation:": "gt_mask_invalid"}
 
 _PARSED_ATTRIBUTES: dict[str, dict] = {}
 
@@ -178,7 +182,7 @@ def _mask(segmentation: str, height: int | None,
         return None, "polygon segmentation needs the image width and height"
     try:
         return from_segmentation(seg, height or 0, width or 0), None
-    except (ValueError, TypeError, KeyError, IndexError) as e:
+    except ValueError as e:  # from_segmentation validates everything before pycocotools
         return None, f"unreadable segmentation: {e}"
 
 

@@ -15,6 +15,7 @@ so a large JSON is never held whole; the image and category lists (small) are re
 from __future__ import annotations
 
 import logging
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import cv2
 import ijson
 import numpy as np
 
+from pipelines.images import read_label_map, resolve_inside
 from pipelines.records import ImageRecord, SourceObject
 from pipelines.sources import SourceConfig
 from schemas import masks as mask_codec
@@ -65,15 +67,24 @@ class CocoPanopticSource:
             )
         self.split = cfg.split or self.annotation_file.stem.removeprefix("panoptic_")
         cats = _read_list(self.annotation_file, "categories")
-        self.categories = {int(c["id"]): c for c in cats}
-        self.images = {int(i["id"]): i for i in _read_list(self.annotation_file, "images")}
+        self.categories = {self._int(c, "id", f"categories[{k}]"): c for k, c in enumerate(cats)}
+        self.images = {self._int(i, "id", f"images[{k}]"): i
+                       for k, i in enumerate(_read_list(self.annotation_file, "images"))}
+
+    def _int(self, item, key: str, where: str) -> int:
+        """item[key] as an int, or ValueError naming the file and the entry (a malformed file)."""
+        value = item.get(key) if isinstance(item, dict) else None
+        if type(value) is not int:
+            raise ValueError(f"{self.annotation_file}: {where}: '{key}' must be an integer, got "
+                             f"{reprlib.repr(value)}")
+        return value
 
     def records(self) -> Iterator[ImageRecord]:
         seen: set[int] = set()
         with open(self.annotation_file, "rb") as f:
             try:
                 for pos, ann in enumerate(ijson.items(f, "annotations.item", use_float=True)):
-                    image_id = int(ann["image_id"])
+                    image_id = self._int(ann, "image_id", f"annotations[{pos}]")
                     seen.add(image_id)
                     yield self._record(pos, ann)
             except ijson.JSONError as e:
@@ -102,10 +113,14 @@ class CocoPanopticSource:
                 error=f"annotations[{pos}]: image_id {image_id} not in images",
             )
         record = ImageRecord(
-            str(image_id), info["file_name"], info.get("width"), info.get("height")
+            str(image_id), str(info.get("file_name") or ""), info.get("width"), info.get("height")
         )
-        png_path = self.png_dir / ann["file_name"]
-        png = cv2.imread(str(png_path), cv2.IMREAD_COLOR)
+        png_path = resolve_inside(self.png_dir, str(ann.get("file_name") or ""))
+        if png_path is None:
+            record.error = f"annotations[{pos}]: PNG name {ann.get('file_name')!r} is unsafe"
+            record.error_status = "unsafe_path"
+            return record
+        png = read_label_map(png_path, cv2.IMREAD_COLOR)
         if png is None:
             record.error, record.error_status = (
                 f"panoptic PNG {png_path} missing or unreadable",
@@ -113,8 +128,22 @@ class CocoPanopticSource:
             )
             return record
         ids = segment_ids(cv2.cvtColor(png, cv2.COLOR_BGR2RGB))
-        record.objects = [self._object(image_id, seg, ids) for seg in ann.get("segments_info", [])]
+        segments = ann.get("segments_info") or []
+        record.objects = [self._object_or_error(image_id, k, seg, ids)
+                          for k, seg in enumerate(segments)]
         return record
+
+    def _object_or_error(self, image_id: int, k: int, seg, ids: np.ndarray) -> SourceObject:
+        """One segment, or a rejected object naming what is malformed in it."""
+        try:
+            return self._object(image_id, seg, ids)
+        except (KeyError, TypeError, ValueError) as e:
+            seg_id = seg.get("id", k) if isinstance(seg, dict) else k
+            return SourceObject(
+                str(seg_id), None, [],
+                error=f"image {image_id}: segments_info[{k}] is malformed: "
+                      f"{type(e).__name__}: {e}",
+                error_code="annotation_invalid")
 
     def _object(self, image_id: int, seg: dict, ids: np.ndarray) -> SourceObject:
         cat = self.categories.get(int(seg["category_id"]))
@@ -134,8 +163,10 @@ class CocoPanopticSource:
         )
         if cat is None:
             obj.error = f"unknown category_id {seg['category_id']}"
+            obj.error_code = "category_unknown"
         elif not mask.any():
             obj.error = f"segment id {seg['id']} has no pixels in the PNG of image {image_id}"
+            obj.error_code = "gt_mask_invalid"
         return obj
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 
+from pipelines.images import read_label_map
 from pipelines.records import ImageRecord, SourceObject
 from pipelines.sources import SourceConfig
 from schemas import masks as mask_codec
@@ -63,7 +64,7 @@ class ForegroundSource:
                 error_status="missing",
                 error=f"no image for mask {mask_path} in {self.root}",
             )
-        gray = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        gray = read_label_map(mask_path, cv2.IMREAD_GRAYSCALE)
         if gray is None:
             return ImageRecord(stem, file, None, None, error=f"mask {mask_path} unreadable")
         mask = gray > THRESHOLD
@@ -77,6 +78,7 @@ class ForegroundSource:
             attributes={"isthing": True},
             gt_mask=encoded,
             error=None if mask.any() else f"mask {mask_path} is empty",
+            error_code=None if mask.any() else "gt_mask_invalid",
         )
         return ImageRecord(stem, file, mask.shape[1], mask.shape[0], objects=[obj])
 

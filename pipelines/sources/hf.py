@@ -44,6 +44,7 @@ CACHE_DIR = ".engine_images"
 BBOX_FORMATS = ("auto", "xyxy", "xywh")
 _ID_KEYS = ("bbox_id", "id")
 _CATEGORY_KEYS = ("category", "label", "category_id")
+_EXIF_ORIENTATION = 0x0112
 _KNOWN_OBJECT_KEYS = {"bbox", "area", "iscrowd", "segmentation", *_ID_KEYS, *_CATEGORY_KEYS}
 
 
@@ -98,6 +99,15 @@ def _four_numbers(bbox: Any) -> list[float] | None:
     if not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in bbox):
         return None
     return [math.nan if v is None else float(v) for v in bbox]
+
+
+def displayed_size(im: Any) -> tuple[int, int]:
+    """(width, height) of an opened PIL image as displayed: EXIF orientations 5..8 turn it by 90
+    degrees (pipelines.images.decode_rgb applies them), so the stored size is swapped."""
+    width, height = im.size
+    if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+        return height, width
+    return width, height
 
 
 def decide_bbox_format(samples: list[tuple[list[float], int | None, int | None]]) -> str:
@@ -219,13 +229,13 @@ class HFSource:
 
     def _cache_bytes(self, data: bytes) -> tuple[str, tuple[int, int] | None]:
         """Write embedded image bytes once (content-addressed); return (file under root, size)."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(io.BytesIO(data)) as im:  # reads the header only
-                ext, size = (im.format or "bin").lower(), im.size
-        except (UnidentifiedImageError, OSError):
-            ext, size = "bin", None  # left for the pipeline to report as corrupt
+                ext, size = (im.format or "bin").lower(), displayed_size(im)
+        except Exception:  # any unreadable header (a bomb, bad EXIF...): the pipeline's decode
+            ext, size = "bin", None  # reports it as image_corrupt with the reason
         rel = f"{CACHE_DIR}/{hashlib.sha1(data).hexdigest()}.{ext}"
         target = self.root / rel
         if not (target.is_file() and target.stat().st_size == len(data)):
@@ -237,27 +247,30 @@ class HFSource:
 
     def _object(self, obj: dict, k: int, record: ImageRecord) -> SourceObject:
         ann_id = next((obj[key] for key in _ID_KEYS if obj.get(key) is not None), k)
-        errors = []
+        problems: list[tuple[str, str]] = []  # (reject code, detail); the first gives the code
         box = _four_numbers(obj.get("bbox"))
         if box is None:
-            errors.append(f"bbox is not 4 numbers: {obj.get('bbox')!r}"[:100])
+            problems.append(("box_invalid", f"bbox is not 4 numbers: {obj.get('bbox')!r}"[:100]))
             box_raw: list[float] = []
         else:
             box_raw = box_from_xyxy(*box) if self.bbox_format == "xyxy" else box
-        category, cid, cname = self._category(obj, errors)
+        category, cid, cname = self._category(obj, problems)
         mask = None
         if obj.get("segmentation"):
             try:
                 mask = from_segmentation(obj["segmentation"], record.height or 0, record.width or 0)
-            except (ValueError, TypeError, KeyError, IndexError) as e:
-                errors.append(f"unreadable segmentation: {e}")
+            except ValueError as e:  # from_segmentation validates before pycocotools sees it
+                problems.append(("gt_mask_invalid",
+                                 f"object {ann_id}: unreadable segmentation: {e}"))
         attributes = {key: v for key, v in obj.items() if key not in _KNOWN_OBJECT_KEYS}
         return SourceObject(ann_id=str(ann_id), category=category, box_raw=box_raw,
                             category_id=cid, category_name=cname,
                             iscrowd=bool(obj.get("iscrowd") or False), attributes=attributes,
-                            gt_mask=mask, error="; ".join(errors) or None)
+                            gt_mask=mask, error="; ".join(d for _, d in problems) or None,
+                            error_code=problems[0][0] if problems else None)
 
-    def _category(self, obj: dict, errors: list[str]) -> tuple[str | None, int | None, str | None]:
+    def _category(self, obj: dict,
+                  problems: list[tuple[str, str]]) -> tuple[str | None, int | None, str | None]:
         value = next((obj[key] for key in _CATEGORY_KEYS if obj.get(key) is not None), None)
         if isinstance(value, str):
             return value, None, value
@@ -267,9 +280,9 @@ class HFSource:
             if 0 <= value < len(self.class_names):
                 name = self.class_names[value]
                 return name, value, name
-            errors.append(f"unknown category id {value}")
+            problems.append(("category_unknown", f"unknown category id {value}"))
             return None, value, None
-        errors.append("object has no category")
+        problems.append(("category_missing", "object has no category"))
         return None, None, None
 
 

@@ -97,7 +97,7 @@ class RefCocoSource:
                 error=f"image_id {image_id} not in {self.instances_file}",
             )
         record = ImageRecord(
-            str(image_id), info["file_name"], info.get("width"), info.get("height")
+            str(image_id), str(info.get("file_name") or ""), info.get("width"), info.get("height")
         )
         for ann_id, texts in ann_texts.items():
             ann = anns.get(ann_id)
@@ -109,30 +109,47 @@ class RefCocoSource:
                         [float("nan")] * 4,
                         captions=texts,
                         error=f"ann_id {ann_id} not in {self.instances_file}",
+                        error_code="annotation_invalid",
                     )
                 )
                 continue
-            cat = cats.get(int(ann["category_id"]))
-            obj = SourceObject(
-                ann_id=str(ann_id),
-                category=cat,
-                box_raw=[float(v) for v in ann["bbox"]],
-                category_id=int(ann["category_id"]),
-                category_name=cat,
-                iscrowd=bool(ann.get("iscrowd", 0)),
-                attributes={"isthing": True},
-                captions=texts,
-            )
-            try:
-                obj.gt_mask = mask_codec.from_segmentation(
-                    ann["segmentation"], int(info["height"]), int(info["width"])
-                )
-            except (KeyError, ValueError, TypeError) as e:
-                obj.error = f"ann {ann_id}: bad segmentation ({e})"
-            if cat is None:
-                obj.error = f"unknown category_id {ann['category_id']}"
-            record.objects.append(obj)
+            record.objects.append(self._object_or_error(ann_id, ann, texts, info, cats))
         return record
+
+
+    def _object_or_error(self, ann_id, ann, texts, info, cats) -> SourceObject:
+        """One referred annotation, or a rejected object naming what is malformed in it."""
+        try:
+            return self._object(ann_id, ann, texts, info, cats)
+        except (KeyError, TypeError, ValueError) as e:
+            return SourceObject(str(ann_id), None, [], captions=texts,
+                                error=f"ann {ann_id} in {self.instances_file} is malformed: "
+                                      f"{type(e).__name__}: {e}",
+                                error_code="annotation_invalid")
+
+    def _object(self, ann_id, ann, texts, info, cats) -> SourceObject:
+        cat = cats.get(int(ann["category_id"]))
+        obj = SourceObject(
+            ann_id=str(ann_id),
+            category=cat,
+            box_raw=[float(v) for v in ann["bbox"]],
+            category_id=int(ann["category_id"]),
+            category_name=cat,
+            iscrowd=bool(ann.get("iscrowd", 0)),
+            attributes={"isthing": True},
+            captions=texts,
+        )
+        try:
+            obj.gt_mask = mask_codec.from_segmentation(
+                ann["segmentation"], int(info["height"]), int(info["width"])
+            )
+        except (KeyError, TypeError, ValueError) as e:  # validated before pycocotools sees it
+            obj.error = f"ann {ann_id}: bad segmentation ({e})"
+            obj.error_code = "gt_mask_invalid"
+        if cat is None:
+            obj.error = f"unknown category_id {ann['category_id']}"
+            obj.error_code = "category_unknown"
+        return obj
 
 
 def open_source(cfg: SourceConfig) -> RefCocoSource:

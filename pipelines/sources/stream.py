@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ import duckdb
 import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from schemas.masks import check_segmentation_shape
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def _fail(path: Path, where: str, reason: str) -> ValueError:
 def _id_key(value: Any, path: Path, where: str) -> str:
     """An image/annotation id as text; ints and strings are both seen in COCO-format files."""
     if isinstance(value, bool) or not isinstance(value, int | str | float):
-        raise _fail(path, where, f"id must be an integer or a string, got {value!r}")
+        raise _fail(path, where, f"id must be an integer or a string, got {reprlib.repr(value)}")
     if isinstance(value, float):
         if not value.is_integer():
             raise _fail(path, where, f"id must be an integer or a string, got {value!r}")
@@ -103,8 +106,17 @@ def _opt_int(value: Any, path: Path, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _fail(path, where, f"expected a number, got {value!r}")
+        raise _fail(path, where, f"expected a number, got {reprlib.repr(value)}")
     return int(value)
+
+
+def _brief(value: Any, limit: int) -> str:
+    """A value as JSON for a message, cut to `limit`; reprlib for values nested too deeply for
+    json (it stops at 6 levels)."""
+    try:
+        return json.dumps(value)[:limit]
+    except (RecursionError, TypeError, ValueError):
+        return reprlib.repr(value)[:limit]
 
 
 def _is_number(v: Any) -> bool:
@@ -150,7 +162,7 @@ def _image_row(item: Any, ord_: int, path: Path) -> tuple:
         raise _fail(path, where, "missing 'id'")
     file_name = item.get("file_name")
     if type(file_name) is not str:
-        raise _fail(path, where, f"'file_name' must be a string, got {file_name!r}")
+        raise _fail(path, where, f"'file_name' must be a string, got {reprlib.repr(file_name)}")
     return (ord_, _id_key(item["id"], path, where + ".id"), file_name,
             _opt_int(item.get("width"), path, where + ".width"),
             _opt_int(item.get("height"), path, where + ".height"))
@@ -200,7 +212,7 @@ def _ann_row(item: Any, ord_: int, path: Path) -> tuple:
         if type(cid) is float and cid.is_integer():
             cid = int(cid)
         else:
-            errors.append(f"category_id is not an integer: {json.dumps(cid)[:40]}")
+            errors.append(f"category_id is not an integer: {_brief(cid, 40)}")
             cid = None
     bbox = item.get("bbox")
     if (type(bbox) is list and len(bbox) == 4 and type(bbox[0]) in _NUMBER
@@ -211,11 +223,21 @@ def _ann_row(item: Any, ord_: int, path: Path) -> tuple:
         # pipeline to reject like any other NaN box.
         x, y, w, h = (math.nan if v is None else v for v in bbox)
     else:
-        errors.append(f"bbox is not 4 numbers: {json.dumps(bbox)[:80]}")
+        errors.append(f"bbox is not 4 numbers: {_brief(bbox, 80)}")
         x = y = w = h = None
     seg = item.get("segmentation")
+    if seg and (problem := check_segmentation_shape(seg)):
+        # Checked before json.dumps (a 20k-deep list recursed) and DuckDB (a 57 MB polygon ran
+        # the index sort out of memory); the object is rejected as gt_mask_invalid.
+        errors.append(f"segmentation: {problem}")
+        seg = None
     extra_keys = item.keys() - _ANN_KEY_SET
-    attributes = _attributes(item, extra_keys) if extra_keys else None
+    attributes = None
+    if extra_keys:
+        try:
+            attributes = _attributes(item, extra_keys)
+        except RecursionError:
+            errors.append(f"attributes nest too deeply to store: {sorted(extra_keys)!r}"[:100])
     return (ord_, ann_key, image_key, cid, x, y, w, h, bool(item.get("iscrowd", 0)),
             json.dumps(seg) if seg else None, attributes, "; ".join(errors) or None)
 
@@ -230,9 +252,9 @@ def _check_categories(categories: Any, path: Path) -> list[dict]:
             raise _fail(path, where, f"expected an object, got {type(cat).__name__}")
         cid, name = cat.get("id"), cat.get("name")
         if not (_is_number(cid) and float(cid).is_integer()):
-            raise _fail(path, where, f"'id' must be an integer, got {cid!r}")
+            raise _fail(path, where, f"'id' must be an integer, got {reprlib.repr(cid)}")
         if not isinstance(name, str):
-            raise _fail(path, where, f"'name' must be a string, got {name!r}")
+            raise _fail(path, where, f"'name' must be a string, got {reprlib.repr(name)}")
         if int(cid) in seen:
             raise _fail(path, where, f"duplicate category id {int(cid)}")
         seen.add(int(cid))

@@ -113,7 +113,7 @@ def test_masks_polygon_rle_and_crowd_match_pycocotools(tmp_path):
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [4, 3, 6, 5], "iscrowd": 0,
              "segmentation": compressed},
             {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 2], "iscrowd": 1,
-             "segmentation": {"size": [h, w], "counts": [0, 2, h - 2, 0]}},
+             "segmentation": {"size": [h, w], "counts": [0, 2, h * w - 2]}},
             {"id": 4, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "segmentation": []},
         ],
         "categories": [{"id": 1, "name": "thing"}],

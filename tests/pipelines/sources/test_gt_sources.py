@@ -101,8 +101,31 @@ def test_coco_panoptic_segments(tmp_path):
     assert objs["70005"].iscrowd and objs["70005"].box_raw == [3, 12, 9, 8]
     assert objs["300"].attributes == {"isthing": False} and objs["300"].category_id == 187
     assert objs["42"].error == "unknown category_id 999" and objs["1001"].error is None
+    assert objs["42"].error_code == "category_unknown" and objs["1001"].error_code is None
     assert records[1].error_status == "missing" and "000000000002.png" in records[1].error
     assert records[2].error == "no panoptic annotation for this image"
+
+
+def test_coco_panoptic_malformed_segments_and_png_names_are_rejected_rows(tmp_path):
+    path, ids = write_panoptic(tmp_path)
+    doc = json.loads(path.read_text())
+    segments = doc["annotations"][0]["segments_info"]
+    del segments[0]["category_id"]  # malformed: no category
+    segments.append("not a segment")
+    doc["annotations"][1]["file_name"] = "../../escape.png"
+    path.write_text(json.dumps(doc))
+    records = list(open_source(SourceConfig("coco_panoptic", tmp_path / "val2017", path))
+                   .records())
+    objs = records[0].objects
+    assert [o.error_code for o in objs] == ["annotation_invalid", None, None,
+                                            "category_unknown", "annotation_invalid"]
+    assert "segments_info[0] is malformed: KeyError" in objs[0].error
+    assert np.array_equal(decode(objs[1].gt_mask), ids == 70005)  # the rest are unaffected
+    assert records[1].error_status == "unsafe_path" and "escape.png" in records[1].error
+    doc["annotations"][0]["image_id"] = "one"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"annotations\[0\]: 'image_id' must be an integer"):
+        list(open_source(SourceConfig("coco_panoptic", tmp_path / "val2017", path)).records())
 
 
 def test_coco_panoptic_needs_the_png_folder(tmp_path):
@@ -139,6 +162,7 @@ def test_ade_semantic_regions(tmp_path):
     for value, obj in objs.items():
         assert np.array_equal(decode(obj.gt_mask), labels == value)
     assert objs[7].category is None and "pixel value 7 not in the class list" in objs[7].error
+    assert objs[7].error_code == "category_unknown" and objs[1].error_code is None
     txt = tmp_path / "classes.txt"
     txt.write_text("wall\nbuilding\nsky\n")
     txt_objs = list(
@@ -225,6 +249,7 @@ def test_refcoco_expressions_become_captions(tmp_path, refs_name):
     assert [r.image_id for r in records] == ["4", "9"]  # sorted by image id
     lost = records[0].objects[0]
     assert lost.ann_id == "555" and "ann_id 555 not in" in lost.error
+    assert lost.error_code == "annotation_invalid"
     (person,) = records[1].objects
     assert person.captions == ["man on left", "guy", "person in red"]  # merged, deduplicated
     assert (person.category, person.box_raw, person.attributes) == (
@@ -238,6 +263,41 @@ def test_refcoco_expressions_become_captions(tmp_path, refs_name):
         open_source(SourceConfig("refcoco", tmp_path, folder / refs_name, "train")).records()
     )
     assert [(r.image_id, r.objects[0].captions) for r in train] == [("4", ["small dog"])]
+
+
+@pytest.mark.parametrize("segmentation, code", [
+    ([[2, 2, 12, 2]], "gt_mask_invalid"),  # 2 points
+    ({"size": [H, W], "counts": [3, 4]}, "gt_mask_invalid"),  # runs cover 7 of H*W pixels
+])
+def test_refcoco_bad_segmentation_is_gt_mask_invalid(tmp_path, segmentation, code):
+    folder = write_refcoco(tmp_path)
+    instances = json.loads((folder / "instances.json").read_text())
+    instances["annotations"][0]["segmentation"] = segmentation
+    instances["categories"] = instances["categories"][1:]  # ann 100's category is now unknown
+    (folder / "instances.json").write_text(json.dumps(instances))
+    records = list(open_source(SourceConfig("refcoco", tmp_path, folder / "refs.json", "val"))
+                   .records())
+    (person,) = records[1].objects
+    assert person.error_code == "category_unknown"  # the later, more basic problem wins
+    instances["categories"].insert(0, {"id": 1, "name": "person"})
+    (folder / "instances.json").write_text(json.dumps(instances))
+    records = list(open_source(SourceConfig("refcoco", tmp_path, folder / "refs.json", "val"))
+                   .records())
+    (person,) = records[1].objects
+    assert person.error_code == code and "bad segmentation" in person.error
+    assert person.gt_mask is None
+
+
+def test_refcoco_malformed_annotation_is_a_rejected_object(tmp_path):
+    folder = write_refcoco(tmp_path)
+    instances = json.loads((folder / "instances.json").read_text())
+    instances["annotations"][0]["bbox"] = None
+    (folder / "instances.json").write_text(json.dumps(instances))
+    records = list(open_source(SourceConfig("refcoco", tmp_path, folder / "refs.json", "val"))
+                   .records())
+    (person,) = records[1].objects
+    assert person.error_code == "annotation_invalid" and "ann 100" in person.error
+    assert person.captions == ["man on left", "guy", "person in red"]  # still reported
 
 
 class _Exploit:
@@ -281,4 +341,5 @@ def test_foreground_pairs_images_and_masks(tmp_path):
         None,
     )
     assert "is empty" in records[1].objects[0].error
+    assert records[1].objects[0].error_code == "gt_mask_invalid"
     assert records[2].error_status == "missing" and "no image for mask" in records[2].error
