@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 LOCK = ".engine.lock"
 MARKER = ".mqengine-run"
 PLAN_DIR = "_plan"
+IMAGES_DIR = "_images"  # images a source had embedded (hf), written out for every reader
 # Files and folders of a run besides its parts; temporary files start with "." and hold ".tmp-".
 OWN_FILES = (MANIFEST, UNIT_LOG, LOCK, MARKER)
-OWN_DIRS = (*TABLE_NAMES, PLAN_DIR)
+OWN_DIRS = (*TABLE_NAMES, PLAN_DIR, IMAGES_DIR)
 
 
 def _overlaps(a: Path, b: Path) -> bool:

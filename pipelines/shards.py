@@ -139,7 +139,8 @@ class Manifest:
         `check_inputs`, also whose input images are unchanged (same stat digest as when the unit
         was written), so an image edited between a kill and its resume is redone."""
         done = set()
-        root = Path(self.data.get("source", {}).get("root") or self.out)
+        root = Path(self.data.get("source", {}).get("root") or ".")
+        root = root if root.is_absolute() else self.out / root
         for key, entry in self.units.items():
             files = [self.out / entry[f"{t}_file"] for t in TABLE_NAMES]
             sums = [entry[f"{t}_sha256"] for t in TABLE_NAMES]

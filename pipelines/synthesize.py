@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from pipelines.captioners import CAPTIONERS, Captioner, CaptionerConfig, build_captioner
 from pipelines.maskers import MASKERS, Masker, MaskerConfig, build_masker
 from pipelines.outdir import (
+    IMAGES_DIR,
     OutputLock,
     check_no_overlap,
     claim,
@@ -117,7 +118,7 @@ def resolved_config(cfg: SynthesizeConfig, source) -> dict:
         "source": {
             "name": source.name,
             "split": source.split,
-            "root": str(Path(source.root).resolve()),  # readers find images from anywhere
+            "root": recorded_root(cfg.out, source.root),  # readers find images from anywhere
             "annotation_file": str(source.annotation_file) if source.annotation_file else None,
             "bbox_format": cfg.source.bbox_format,
         },
@@ -250,15 +251,33 @@ def check_root(root: Path, plan_path: Path) -> None:
 
 def _open_checked_source(cfg: SynthesizeConfig):
     source = open_source(cfg.source)
-    root = Path(source.root)
-    if not root.exists():
-        raise FileNotFoundError(f"--root {root}: no such folder")
-    if not root.is_dir():
-        raise NotADirectoryError(f"--root {root}: not a folder")
+    if hasattr(source, "use_image_dir"):  # embedded images are written into the run, not the data
+        source.use_image_dir(Path(cfg.out) / IMAGES_DIR)
+    data_root = Path(getattr(source, "dataset_dir", source.root))
+    if not data_root.exists():
+        raise FileNotFoundError(f"--root {data_root}: no such folder")
+    if not data_root.is_dir():
+        raise NotADirectoryError(f"--root {data_root}: not a folder")
     check_no_overlap(
-        cfg.out, {"dataset root": root, "annotation file": getattr(source, "annotation_file", None)}
+        cfg.out,
+        {"dataset root": data_root, "annotation file": getattr(source, "annotation_file", None)},
     )
     return source
+
+
+def recorded_root(out: Path, root: Path) -> str:
+    """The image root as the manifest records it: absolute, or relative to the run folder when it
+    lies inside it (embedded images written out), so a moved run still finds them."""
+    out_r, root_r = Path(out).resolve(), Path(root).resolve()
+    if root_r == out_r or out_r in root_r.parents:
+        return os.path.relpath(root_r, out_r)
+    return str(root_r)
+
+
+def image_root(out: Path, recorded: str) -> Path:
+    """The recorded image root as a path (a relative one is relative to the run folder)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(out) / path
 
 
 def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
@@ -292,7 +311,7 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     ctx = UnitContext(
         source=source.name,
         split=source.split,
-        root=Path(manifest.data["source"]["root"]),
+        root=image_root(cfg.out, manifest.data["source"]["root"]),
         run_id=manifest.data["run_id"],
         quality=cfg.quality,
         remask=cfg.remask,
@@ -313,7 +332,7 @@ def _new_plan(
         unit_size, records = auto_unit_size(records)
     plan = write_plan(records, plan_path, unit_size, fp)
     try:
-        check_root(Path(resolved["source"]["root"]), plan_path)
+        check_root(image_root(cfg.out, resolved["source"]["root"]), plan_path)
     except ValueError:
         plan_path.unlink(missing_ok=True)
         raise

@@ -11,10 +11,13 @@ as xywh runs more than a pixel past the image cannot be xywh. If the sample rule
 both), the source raises ValueError asking for an explicit format rather than guessing.
 
 Category text comes from the ClassLabel names of `objects.category` (a string category is used as
-is). Images: rows carry bytes (embedded) or a path. Embedded bytes are written once to
-`<dataset dir>/.engine_images/<sha1 of bytes>.<ext>` (content-addressed, so reruns and reordering
-reuse them); `Source.root` is the dataset dir and `record.file` the path under it. A path-only image
-is taken relative to the dataset dir; an absolute path outside it becomes an `unsafe_path` error.
+is). Images: rows carry bytes (embedded) or a path; the first image row decides which kind the
+dataset is. Embedded bytes are written once to `<image dir>/<sha1 of bytes>.<ext>`
+(content-addressed, so reruns and reordering reuse them), and `Source.root` is that folder: the
+engine gives its run's own `_images/` folder (`use_image_dir`), so nothing is ever written into the
+dataset; used on its own, the source keeps them in a temporary folder. Paths are taken relative to
+the dataset dir (`Source.root` then); an absolute path outside it becomes an `unsafe_path` error,
+and so does a path-only image in a dataset of embedded images (its images have no common folder).
 Memory: rows are read in batches of BATCH_ROWS (Arrow memory-maps `save_to_disk` data).
 """
 
@@ -25,6 +28,9 @@ import io
 import logging
 import math
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,6 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 64
 AUTO_SAMPLE = 2000
-CACHE_DIR = ".engine_images"
 BBOX_FORMATS = ("auto", "xyxy", "xywh")
 _ID_KEYS = ("bbox_id", "id")
 _CATEGORY_KEYS = ("category", "label", "category_id")
@@ -137,7 +142,9 @@ class HFSource:
             raise ValueError(f"unknown bbox_format {bbox_format!r}; choose one of: "
                              f"{', '.join(BBOX_FORMATS)}")
         self.name = name
-        self.root = self.path.parent if self.path.is_file() else self.path
+        self.dataset_dir = self.path.parent if self.path.is_file() else self.path
+        self.root = self.dataset_dir
+        self.image_dir: Path | None = None
         self.annotation_file: Path | None = self.path
         self._dataset = None
         if _is_saved_dataset(self.path):
@@ -151,6 +158,28 @@ class HFSource:
             self.features = Features.from_arrow_schema(pq.read_schema(self._files[0]))
         self.class_names = _class_names(self.features)
         self.bbox_format = bbox_format if bbox_format != "auto" else self._detect_format()
+        self.embedded = self._has_embedded_images()
+        if self.embedded:
+            self.use_image_dir(None)
+
+    def use_image_dir(self, folder: Path | None) -> None:
+        """Where embedded images are written (and so the image root): `folder`, or a temporary
+        folder removed with the source when None. A dataset of image paths keeps its own root."""
+        if not self.embedded:
+            return
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="mqengine-hf-images-"))
+            weakref.finalize(self, shutil.rmtree, folder, True)
+        self.image_dir = self.root = Path(folder)
+
+    def _has_embedded_images(self) -> bool:
+        if "image" not in self.features:
+            return False
+        for batch in self._batches(["image"]):
+            for image in batch.column("image").to_pylist():
+                if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
+                    return bool(image.get("bytes"))
+        return False
 
     def _load_saved(self, split: str | None):
         from datasets import DatasetDict, load_from_disk
@@ -217,18 +246,25 @@ class HFSource:
                 record.width, record.height = size
             return
         path = Path(image["path"])
+        if self.embedded:
+            record.file = str(path)
+            record.error = (f"image given by path {path} in a dataset of embedded images "
+                            f"({self.dataset_dir}); embed it, or give every image by path")
+            record.error_status = "unsafe_path"
+            return
         if path.is_absolute():
             try:
-                path = path.relative_to(self.root)
+                path = path.relative_to(self.dataset_dir)
             except ValueError:
                 record.file = str(path)
-                record.error = f"image path {path} is outside the dataset folder {self.root}"
+                record.error = f"image path {path} is outside the dataset folder {self.dataset_dir}"
                 record.error_status = "unsafe_path"
                 return
         record.file = path.as_posix()
 
     def _cache_bytes(self, data: bytes) -> tuple[str, tuple[int, int] | None]:
-        """Write embedded image bytes once (content-addressed); return (file under root, size)."""
+        """Write embedded image bytes once (content-addressed) into the image dir; return (file
+        under it, size)."""
         from PIL import Image
 
         try:
@@ -236,11 +272,11 @@ class HFSource:
                 ext, size = (im.format or "bin").lower(), displayed_size(im)
         except Exception:  # any unreadable header (a bomb, bad EXIF...): the pipeline's decode
             ext, size = "bin", None  # reports it as image_corrupt with the reason
-        rel = f"{CACHE_DIR}/{hashlib.sha1(data).hexdigest()}.{ext}"
-        target = self.root / rel
+        rel = f"{hashlib.sha1(data).hexdigest()}.{ext}"
+        target = self.image_dir / rel
         if not (target.is_file() and target.stat().st_size == len(data)):
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # outdir's temp naming
             tmp.write_bytes(data)
             tmp.replace(target)  # atomic: a reader never sees half a file
         return rel, size

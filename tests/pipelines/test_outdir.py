@@ -255,3 +255,34 @@ def test_a_failed_run_leaves_no_temporary_files_anywhere(dataset, tmp_path):
     assert "broken.json" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmpdir.iterdir()) == []
     assert not out.exists()
+
+
+def test_embedded_hf_images_are_written_into_the_run_never_into_the_dataset(tmp_path):
+    """An hf dataset with embedded image bytes: the engine writes those images under the run's
+    own _images/ (recorded relative to the run), the dataset folder is left byte for byte, and a
+    run folder moved elsewhere still finds its images."""
+    import shutil
+
+    from pipelines.reader import RunDataset
+    from schemas import open_run
+    from tests.pipelines.sources.test_hf import _coco_like
+
+    ds, rows = _coco_like()
+    data = tmp_path / "saved"
+    ds.save_to_disk(str(data))
+    before = listing(data)
+    out = tmp_path / "out"
+    cfg = SynthesizeConfig(SourceConfig("hf", data), out, masker=MaskerConfig(name="box"),
+                           captioner=CaptionerConfig(name="none"), executor="local")
+    summary = run(cfg)
+    assert summary.totals["images_ok"] == len(rows)
+    assert listing(data) == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["root"] == "_images"
+    assert len(list((out / "_images").iterdir())) == len(rows)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    sample = RunDataset(open_run(moved), where="true")[0]
+    assert sample["image"].shape == (30, 40, 3)
+    assert run(cfg).units_written == summary.units_total  # the old --out is gone: a fresh run

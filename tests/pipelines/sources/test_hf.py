@@ -75,7 +75,10 @@ def test_save_to_disk_and_parquet_read_the_same_with_bytes_cached_once(tmp_path)
     for src in (saved, parquet):
         assert src.bbox_format == "xyxy" and src.class_names == NAMES  # auto-detected
         _check(src, rows)
-    cached = sorted((tmp_path / "saved" / ".engine_images").iterdir())
+    assert saved.root == saved.image_dir != tmp_path / "saved"  # nothing written into the dataset
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted(
+        ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"])
+    cached = sorted(saved.image_dir.iterdir())
     assert len(cached) == len(rows)
     mtimes = [p.stat().st_mtime_ns for p in cached]
     list(saved.records())  # a second pass reuses the cached files
