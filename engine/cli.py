@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine.query import FORMATS, connect, format_rows, run_query, stats
+from engine.report_commands import report_command, show_command
 from engine.train_commands import eval_command, train_command
 from pipelines.captioners import CAPTIONERS, CaptionerConfig
 from pipelines.maskers import MASKERS, MaskerConfig
@@ -313,7 +314,8 @@ COMMANDS = {
     "query": query,
     "stats": stats_command,
     "export": export,
-    "show": show,
+    "show": show_command,
+    "report": report_command,
     "train": train_command,
     "eval": eval_command,
 }
