@@ -125,3 +125,16 @@ def _write_annotations(con, f, image_ids: dict, cat_ids: dict, counts: dict) -> 
                 f,
             )
     f.write("]")
+
+
+def _exporters() -> dict:
+    # kept apart from export_coco above, which takes a connection rather than a Run
+    from pipelines.export_hf import export_hf
+    from pipelines.export_sa1b import export_sa1b
+    from pipelines.export_yolo_seg import export_yolo_seg
+
+    return {"hf": export_hf, "yolo-seg": export_yolo_seg, "sa1b": export_sa1b}
+
+
+# --format name -> export_X(run: schemas.runs.Run, dest: Path, where: str | None) -> counts
+EXPORTERS = _exporters()
