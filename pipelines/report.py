@@ -21,7 +21,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import cv2
 import duckdb
 
 from engine.query import connect
+from pipelines.card import wall_seconds
 from pipelines.render import fit, object_colour, placeholder, render
 from schemas.runs import Run
 
@@ -219,7 +219,7 @@ def overview(con: duckdb.DuckDBPyConnection, run: Run) -> dict:
         "SELECT status, reject_code, count(*) FROM objects WHERE NOT keep "
         "GROUP BY ALL ORDER BY 3 DESC, 2"
     ).fetchall()
-    wall = _wall_seconds(m)
+    wall = wall_seconds(m)
     return {
         "input": (m.get("plan") or {}).get("objects", n),
         "objects": n,
@@ -233,15 +233,6 @@ def overview(con: duckdb.DuckDBPyConnection, run: Run) -> dict:
         "codes": codes,
         "wall_s": wall,
     }
-
-
-def _wall_seconds(manifest: dict) -> float | None:
-    try:
-        start = datetime.fromisoformat(manifest["created"])
-        end = datetime.fromisoformat(manifest["updated"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return max((end - start).total_seconds(), 0.0)
 
 
 # ------------------------------------------------------------------------------ gallery cards
