@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -66,13 +67,14 @@ def read_table(run_dir: Path, table: str) -> list[dict]:
 
 def write_large_run(out: Path, n_images: int, objects_per_image: int, units: int = 4) -> Path:
     """A run of n_images * objects_per_image objects with random scores and all three statuses;
-    the image files do not exist (the images are 'ok' rows, so a reader that opens them sees
-    missing files, as with a run whose data moved)."""
+    every image row points at one small PNG (out/img.png), so readers that open images work."""
     from pipelines.shards import Manifest, write_unit
     from schemas import masks as rle
     from schemas import table_from_rows
 
     rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out / "img.png"), rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
     mask = rle.encode(np.pad(np.ones((1, 8, 8), np.uint8), ((0, 0), (4, 4), (4, 4))))[0]
     manifest = Manifest.create(out, {"run_id": "large", "source": {"name": "synthetic",
                                                                    "root": str(out)}})
@@ -82,7 +84,7 @@ def write_large_run(out: Path, n_images: int, objects_per_image: int, units: int
         for i in range(u * per_unit, (u + 1) * per_unit):
             image_id = f"synthetic:{i:07d}"
             images.append({"image_id": image_id, "source": "synthetic", "split": "all",
-                           "source_image_id": str(i), "file_path": f"img/{i}.jpg", "width": 16,
+                           "source_image_id": str(i), "file_path": "img.png", "width": 16,
                            "height": 16, "status": "ok", "num_objects": objects_per_image,
                            "run_id": "large"})
             for j in range(objects_per_image):
