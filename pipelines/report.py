@@ -319,10 +319,8 @@ def _page(run: Run, con: duckdb.DuckDBPyConnection, cards: list[dict]) -> str:
 <h2>Quality scores</h2>
 <div class=legend>{_legend()} <span>dashed line: the run's threshold</span></div>
 <div class=hists>{hists}</div>
-<h2>Not kept, by reject code</h2>
-{_table(("status", "reject_code", "objects"), ov["codes"], "codes")}
 <h2>Categories</h2>
-{_category_html(category_table(con))}
+<div class=scroll>{_category_html(category_table(con))}</div>
 <h2>Gallery</h2>
 {_filters_html(cards)}
 <div class=gallery id=gallery>{"".join(_card_html(c) for c in cards)}</div>
@@ -368,9 +366,12 @@ root {e(str(source.get('root')))} · masker <b>{e(masker)}</b> · captioner <b>{
 <div class=stats>{boxes}</div>
 <div>input {ov['input']} = kept {ov['kept']} + filtered {ov['filtered']} + rejected
 {ov['rejected']} {check}</div>
-<h3>Mask provenance</h3>{_table(("mask_origin", "objects"), ov["origins"], "origins")}
-<h3>Caption provenance</h3>
-{_table(("provenance", "captions", "mean score"), ov["caption_provenance"], "captions")}
+<div class=row><div><h3>Mask provenance</h3>
+{_table(("mask_origin", "objects"), ov["origins"], "origins")}</div>
+<div><h3>Caption provenance</h3>
+{_table(("provenance", "captions", "mean score"), ov["caption_provenance"], "captions")}</div>
+<div><h3>Not kept, by reject code</h3>
+{_table(("status", "reject_code", "objects"), ov["codes"], "codes")}</div></div>
 <details><summary>config</summary><pre class=config>{e(json.dumps(config, indent=1))}</pre>
 </details>"""
 
