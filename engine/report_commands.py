@@ -37,11 +37,12 @@ def report_command(
 ) -> None:
     """Write a static HTML report (no server, no network) of a run: counts, provenance, quality
     histograms with thresholds, reject codes, categories and a filterable gallery."""
-    from pipelines.report import ReportConfig, write_report
+    from pipelines.report import ReportConfig, check_replaceable, write_report
 
     cfg = ReportConfig(sample=sample, seed=seed)
     run = open_run(run_dir, root=root)
     dest = out if out is not None else run.dir / "report"
+    check_replaceable(dest)  # before the progress bar starts: an error stays one line
     columns = (
         TextColumn("[bold]report"),
         BarColumn(),

@@ -78,6 +78,7 @@ def write_report(
     half-written one (an older report at `out` is replaced only at the end)."""
     con = connect(run)
     out = Path(out)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -97,6 +98,24 @@ def write_report(
         shutil.rmtree(build, ignore_errors=True)
         raise
     return {"path": out / "index.html", "images": len(cards)}
+
+
+REPORT_ENTRIES = {"index.html", "thumbs", "large"}
+
+
+def check_replaceable(out: Path) -> None:
+    """`out` is replaced as a whole at the end, so it must be new, empty or an earlier report:
+    never the run folder or any other folder that holds something else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder (choose another --out)")
+    other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_ENTRIES)
+    if other:
+        raise ValueError(
+            f"{out}: holds {', '.join(other[:3])}, not only an earlier report; refusing to "
+            "replace it (choose another --out)"
+        )
 
 
 def _swap_into_place(build: Path, out: Path) -> None:

@@ -34,6 +34,8 @@ def test_report_command_writes_a_page_with_the_sample(run_dir, capsys):
     [
         (["report", "{tmp}/nope"], "no such folder"),
         (["report", "{run}", "--sample", "0"], "--sample must be at least 1"),
+        (["report", "{run}", "--out", "{run}"], "refusing to replace it"),
+        (["report", "{run}", "--out", "{run}/.."], "refusing to replace it"),
         (["show", "{run}", "--grid", "-2"], "--grid must be 0"),
         (["show", "{run}", "--image-id", "nosuch"], "no image 'nosuch'"),
     ],
@@ -43,6 +45,15 @@ def test_user_errors_exit_2_with_one_line(run_dir, tmp_path, capsys, argv, messa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    assert (run_dir / "manifest.json").is_file()  # the run is untouched
+
+
+def test_a_second_report_replaces_the_first(run_dir):
+    out = run_dir / "report2"
+    assert main(["report", str(run_dir), "--out", str(out), "--sample", "2"]) == 0
+    assert main(["report", str(run_dir), "--out", str(out), "--sample", "3"]) == 0
+    assert len(list((out / "thumbs").iterdir())) == 3
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
 
 
 def test_show_grid_draws_a_contact_sheet(run_dir, tmp_path):
