@@ -339,7 +339,7 @@ def _page(run: Run, con: duckdb.DuckDBPyConnection, cards: list[dict]) -> str:
 <div class=legend>{_legend()} <span>dashed line: the run's threshold</span></div>
 <div class=hists>{hists}</div>
 <h2>Categories</h2>
-<div class=scroll>{_category_html(category_table(con))}</div>
+{_category_html(con)}
 <h2>Gallery</h2>
 {_filters_html(cards)}
 <div class=gallery id=gallery>{"".join(_card_html(c) for c in cards)}</div>
@@ -409,9 +409,14 @@ def _cell(value) -> str:
     return f"<td>{html.escape(_fmt(value))}</td>"
 
 
-def _category_html(rows: list[tuple]) -> str:
+def _category_html(con: duckdb.DuckDBPyConnection, limit: int = 300) -> str:
+    rows = category_table(con, limit)
+    total = con.execute("SELECT count(DISTINCT coalesce(category, '')) FROM objects").fetchone()[0]
+    note = ""
+    if total > limit:
+        note = f"<div class=sub>the {limit} largest of {total} categories</div>"
     header = ("category", "objects", "kept share", "mean box_iou", "example caption")
-    return _table(header, rows, "categories")
+    return f"{note}<div class=scroll>{_table(header, rows, 'categories')}</div>"
 
 
 def _legend() -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.query import connect
 from pipelines.report import QUALITY, ReportConfig, write_report
 from schemas.runs import open_run
 from tests.helpers.runs import read_table, synthesize_photos, write_large_run
@@ -262,3 +263,25 @@ def test_a_100k_object_run_is_sampled_not_loaded(tmp_path):
     bins = _bins(tmp_path / "r")["box_iou"]
     total = sum(int(b[f"data-{s}"]) for b in bins for s in ("kept", "filtered", "rejected"))
     assert total == 100_000
+
+
+def test_max_components_threshold_sits_where_failing_bins_start(tmp_path):
+    from pipelines.report import _histogram_svg, _threshold
+
+    assert _threshold("n_components", {"max_components": 0}) is None  # 0 = any number
+    assert _threshold("n_components", {"max_components": 2}) == 3.0  # 3 or more fail
+    hist = {"column": "n_components", "n": 4, "edges": [0.0, 1.0, 2.0, 3.0, 4.0],
+            "bins": [{"kept": 1, "filtered": 0, "rejected": 0}] * 4}
+    svg = _histogram_svg(hist, 3.0)
+    x = float(re.search(r'<line class=threshold x1="([\d.]+)"', svg).group(1))
+    bars = [float(v) for v in re.findall(r'<rect x="([\d.]+)"', svg)]
+    assert bars[2] < x <= bars[3]  # between the bar of 2 (passes) and the bar of 3 (fails)
+
+
+def test_category_table_says_when_it_is_cut(tmp_path):
+    from pipelines.report import _category_html
+
+    run_dir = write_large_run(tmp_path / "many", n_images=40, objects_per_image=8, units=1)
+    text = _category_html(connect(open_run(run_dir)), limit=3)
+    assert "the 3 largest of 7 categories" in text
+    assert text.count("<tr>") == 1 + 3
