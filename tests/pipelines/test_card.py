@@ -98,17 +98,3 @@ def test_stats_json_counts_match_the_shards(run_dir):
     assert sum(u["objects"] for u in stats["units"].values()) == len(objects)
     assert list(stats["units"]) == sorted(manifest["units"])
 
-
-@pytest.mark.slow
-def test_ray_reads_one_table_through_the_listed_files(run_dir):
-    import ray
-    run = open_run(run_dir)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        ds = ray.data.read_parquet(run.files("objects"))
-        assert ds.count() == len(read_table(run_dir, "objects"))
-        assert set(ds.schema().names) == set(read_table(run_dir, "objects")[0])
-        merged = ray.data.read_parquet(str(run_dir))  # what the card warns about
-        assert set(merged.schema().names) > set(ds.schema().names)
-    finally:
-        ray.shutdown()
