@@ -211,7 +211,7 @@ def test_page_renders_in_chromium_without_errors(report, tmp_path):
     assert re.search(rf'<b id="shown">{SAMPLE}</b>', dom)
 
 
-@pytest.mark.parametrize("key", ["status", "category", "code"])
+@pytest.mark.parametrize("key", ["status", "category", "code", "origin"])
 def test_a_filter_in_the_url_changes_what_is_shown(run_dir, report, tmp_path, key):
     cards = [a["data-image-id"] for a in _page(report).find("div", "card")]
     objects = [o for o in read_table(run_dir, "objects") if o["image_id"] in cards]
@@ -219,11 +219,13 @@ def test_a_filter_in_the_url_changes_what_is_shown(run_dir, report, tmp_path, ke
         "status": ("status", "rejected"),
         "category": ("category", "person"),
         "code": ("reject_code", "box_invalid"),
+        "origin": ("mask_origin", "grabcut+ellipse-fallback"),
     }[key]
     expected = sorted({o["image_id"] for o in objects if o[field] == value})
     assert 0 < len(expected) < len(cards)  # the filter has something to hide and to show
     fragment = {"status": "status=rejected", "category": "category=person",
-                "code": "status=code%3Abox_invalid"}[key]
+                "code": "status=code%3Abox_invalid",
+                "origin": "origin=grabcut%2Bellipse-fallback"}[key]
     done = chromium(tmp_path, (report / "index.html").as_uri() + "#" + fragment, "--dump-dom")
     assert _console_problems(done.stderr) == []
     assert '<pre id="js-errors"></pre>' in done.stdout
