@@ -28,12 +28,12 @@ from engine.progress import reporter
 from engine.query import (
     FORMATS,
     STATS_FORMATS,
-    connect,
     format_rows,
     run_query,
     stats,
     stats_json,
 )
+from engine.report_commands import report_command, show_command
 from engine.train_commands import eval_command, train_command
 from pipelines.export import EXPORTERS
 from pipelines.synthesize import SynthesizeConfig, run
@@ -182,40 +182,13 @@ def export(
     console.print(f"wrote {plain(dest)}: {plain(summary)}")
 
 
-def show(
-    out: RUN_DIR,
-    dest: Annotated[Path, typer.Option("--to", help="PNG file to write.")] = Path("show.png"),
-    image_id: Annotated[
-        str | None, typer.Option(help="Image to draw (default: the first one with objects).")
-    ] = None,
-    root: IMAGE_ROOT = None,
-) -> None:
-    """Draw one image with its masks, boxes and first captions into a PNG."""
-    from pipelines.render import render
-
-    run = open_run(out, root=root)
-    con = connect(run)
-    if image_id is None:
-        first = con.execute(
-            "SELECT min(image_id) FROM images WHERE status = 'ok' AND num_objects > 0"
-        )
-        image_id = first.fetchone()[0]
-    row = con.execute("SELECT file_path FROM images WHERE image_id = ?", [image_id]).fetchone()
-    if row is None:
-        raise ValueError(f"no image {image_id!r} in {out}")
-    cursor = con.execute("SELECT * FROM objects WHERE image_id = ? ORDER BY object_id", [image_id])
-    columns = [d[0] for d in cursor.description]
-    objects = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
-    render(run.root, row[0], objects, dest)
-    console.print(f"wrote {plain(dest)}: {plain(image_id)} with {len(objects)} objects")
-
-
 COMMANDS = {
     "synthesize": synthesize,
     "query": query,
     "stats": stats_command,
     "export": export,
-    "show": show,
+    "show": show_command,
+    "report": report_command,
     "train": train_command,
     "eval": eval_command,
 }

@@ -226,4 +226,15 @@ def _write_annotations(con, f, counts: dict) -> None:
     f.write("]")
 
 
-EXPORTERS: dict[str, Callable[[Run, Path, str | None], dict]] = {"coco": export_coco}
+def _exporters() -> dict[str, Callable[[Run, Path, str | None], dict]]:
+    # imported here: those modules import check_where from this one
+    from pipelines.export_hf import export_hf
+    from pipelines.export_sa1b import export_sa1b
+    from pipelines.export_yolo_seg import export_yolo_seg
+
+    return {"coco": export_coco, "hf": export_hf, "yolo-seg": export_yolo_seg,
+            "sa1b": export_sa1b}
+
+
+# --format name -> export_X(run: schemas.runs.Run, dest: Path, where: str | None) -> counts
+EXPORTERS = _exporters()

@@ -100,7 +100,8 @@ def _captions(image, boxes, masks, categories):
 def run_unit(root: Path, source) -> tuple[list[dict], list[dict], int]:
     """(images rows, objects rows, number of input objects) of the whole source in one unit."""
     records = list(source.records())
-    ctx = UnitContext(source="coco", split="val", root=Path(source.root), run_id="r", quality=QualityConfig())
+    ctx = UnitContext(source="coco", split="val", root=Path(source.root), run_id="r",
+                      quality=QualityConfig())
     images, objects = process_unit(ctx, records, BoxMasker(), _captions)
     validate(table_from_rows("objects", objects), "objects")
     validate(table_from_rows("images", images), "images")
