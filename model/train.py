@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model.build import build_mqformer, model_config
+from model.checkpoint import load_checkpoint_file, save_checkpoint
 from model.criterion import SetCriterion
 from model.matcher import HungarianMatcher
 from model.mqformer import QUERY_MODES
@@ -152,17 +153,10 @@ def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary name, then rename: a killed run never leaves a torn checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path, config: TrainConfig) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     saved = state["config"]
     for key in ("model_size", "queries", "text_encoder"):
         if saved[key] != getattr(config, key):
@@ -171,22 +165,38 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict:
     return state
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (the checkpoint the run starts from; 0 on a
+    fresh start): the run redoes every later step, so an attempt killed after logging them must not
+    leave duplicates. A torn line (a kill mid-write) and any other unreadable line are dropped.
+    Rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricLog:
     """Running sums between log lines; writes metrics.jsonl (and TensorBoard) on rank 0."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, start_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
-        if start_step and self.path.exists():
-            # a resumed run redoes the steps after its checkpoint: drop their old rows
-            rows = [r for r in self.path.read_text().splitlines()
-                    if json.loads(r)["step"] <= start_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+        truncate_metrics(self.path, start_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
+            # purge what a killed attempt logged after the checkpoint (all of it on a fresh start)
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.reset()
 
     def reset(self) -> None:

@@ -159,3 +159,35 @@ def test_ddp_gloo_two_ranks(tmp_path):
         torch.testing.assert_close(value, r1["final"][name], rtol=0, atol=1e-6, msg=name)
     moved = [n for n, v in r0["final"].items() if not torch.equal(v, r0["initial"][n])]
     assert len(moved) > 10  # the steps really changed the weights
+
+
+def _steps(out_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(out_dir) / "metrics.jsonl").open()]
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # checkpoint at step 2, steps 1-3 logged, then killed
+        train(_config(tmp_path), FakeLoader(stop_after=3))
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # killed mid-write
+    train(_config(tmp_path, resume=True), FakeLoader())
+    assert _steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_fresh_run_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # steps 1-2 logged, no checkpoint yet (interval 4)
+        train(_config(tmp_path, ckpt_interval=4), FakeLoader(stop_after=2))
+    assert not (tmp_path / "ckpt.pt").exists() and _steps(tmp_path) == [1, 2]
+    train(_config(tmp_path, ckpt_interval=4), FakeLoader())
+    assert _steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_every_checkpoint_has_a_matching_sidecar(tmp_path):
+    import hashlib
+
+    path = train(_config(tmp_path, max_iters=2), FakeLoader())
+    digest = (tmp_path / "ckpt.pt.sha256").read_text().split()[0]
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"ckpt.pt: checksum mismatch"):
+        train(_config(tmp_path, max_iters=2, resume=True), FakeLoader())
