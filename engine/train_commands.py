@@ -224,7 +224,8 @@ def _train_with_progress(config, loader, train_fn, images_per_step: int) -> dict
 
 def _print_row(title: str, row: dict) -> None:
     keys = ["step", "loss", "loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou",
-            "lr", "images_per_s", "share/conditional_of_things", "share/learnable_of_stuff"]
+            "lr", "images_per_s", "share/conditional_of_things", "share/learnable_of_stuff",
+            "class/accuracy", "class/text_cosine", "class/logit_scale"]
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")

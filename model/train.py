@@ -53,7 +53,10 @@ class TrainConfig:
     max_iters: int = 1000              # optimizer steps
     grad_accum: int = 1                # micro-batches per optimizer step
     lr: float = 1e-4                   # Mask DINO: AdamW 1e-4, backbone x0.1, wd 0.05
-    backbone_lr_mult: float = 0.1
+    backbone_lr_mult: float | None = None  # None: x0.1 for a pretrained backbone (Mask DINO), x1
+                                       # for random init (x0.1 left it nearly untrained: issue 11)
+    temperature_lr_mult: float = 10.0  # class head's logit scale and bias: scalars that AdamW moves
+                                       # by ~lr per step, so at 1e-4 they barely moved (issue 11)
     weight_decay: float = 0.05
     warmup_iters: int = 100
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_iters
@@ -73,6 +76,11 @@ class TrainConfig:
 
     def __post_init__(self):
         model_config(self.model_size)  # raises with the valid sizes
+        if self.backbone_lr_mult is None:
+            self.backbone_lr_mult = 0.1 if self.backbone_checkpoint else 1.0
+        for name in ("backbone_lr_mult", "temperature_lr_mult"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.queries not in QUERY_MODES:
             raise ValueError(f"queries={self.queries!r}; choose one of: {', '.join(QUERY_MODES)}")
         for name in ("max_iters", "grad_accum", "log_interval", "ckpt_interval"):
@@ -97,17 +105,23 @@ def get_lr(it: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
+TEMPERATURE_PARAMS = ("heads.cls.logit_scale", "heads.cls.bias")
+
+
 def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """Backbone at lr x backbone_lr_mult; no weight decay on biases, norms, scales, embeddings."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """Backbone at lr x backbone_lr_mult, the class head's temperature and bias at lr x
+    temperature_lr_mult; no weight decay on biases, norms, scales, embeddings."""
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and "learnable." not in name  # embeddings are 2-D but not decayed
-        groups.setdefault((name.startswith("backbone."), decay), []).append(p)
-    return [{"params": ps, "lr": config.lr * (config.backbone_lr_mult if bb else 1.0),
+        mult = (config.backbone_lr_mult if name.startswith("backbone.")
+                else config.temperature_lr_mult if name in TEMPERATURE_PARAMS else 1.0)
+        groups.setdefault((mult, decay), []).append(p)
+    return [{"params": ps, "lr": config.lr * mult,
              "weight_decay": config.weight_decay if decay else 0.0}
-            for (bb, decay), ps in groups.items()]
+            for (mult, decay), ps in groups.items()]
 
 
 def rng_state() -> dict:
@@ -213,12 +227,20 @@ class MetricLog:
         self.n += 1
         self.images += images
 
-    def write(self, step: int, lr: float) -> dict:
+    def write(self, step: int, lr: float, extra: dict | None = None) -> dict:
         elapsed = time.perf_counter() - self.start
         row = {"step": step, "lr": lr, "s_per_step": elapsed / max(self.n, 1),
                "images_per_s": self.images / max(elapsed, 1e-9)}
         row.update({k: v / max(self.n, 1) for k, v in self.sums.items()})
-        row.update({f"matched/{k}": v for k, v in self.counts.items()})
+        row.update({f"matched/{k}": v for k, v in self.counts.items()
+                    if not k.startswith("class/")})
+        # the text classifier's health (issue 11): None when the interval had nothing to measure
+        c = self.counts
+        row["class/accuracy"] = c["class/correct"] / c["class/total"] \
+            if c.get("class/total") else None
+        row["class/text_cosine"] = c["class/cosine_sum"] / c["class/cosine_n"] \
+            if c.get("class/cosine_n") else None
+        row.update(extra or {})
         things = self.counts.get("conditional/thing", 0) + self.counts.get("learnable/thing", 0)
         stuff = self.counts.get("conditional/stuff", 0) + self.counts.get("learnable/stuff", 0)
         # the paper's diagnostic: share of things taken by conditional queries, of stuff by
@@ -240,6 +262,13 @@ class MetricLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def classifier_state(model) -> dict:
+    """The class head's temperature and bias (logits = exp(s) * cos + b), as metrics."""
+    head = model.heads.cls
+    return {"class/logit_scale": float(head.scale().detach()),
+            "class/bias": float(head.bias.detach())}
 
 
 def _micro_step(model, criterion, batch: dict, device: torch.device, scale: float):
@@ -326,7 +355,7 @@ def train(config: TrainConfig, data,
         step += 1
         row = None
         if metrics is not None and (step % config.log_interval == 0 or step == last_step):
-            row = metrics.write(step, lr)
+            row = metrics.write(step, lr, classifier_state(model))
             log.info("step %d loss %.4f lr %.2e", step, row.get("loss", float("nan")), lr)
         if step % config.ckpt_interval == 0 or step == last_step:
             checkpoint()

@@ -295,6 +295,7 @@ def _damage(path, how: str) -> None:
         (path.parent / "last.pt.sha256").unlink()  # no checksum to hide behind either
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the probe
 @pytest.mark.parametrize("how", ["truncated", "zero bytes", "random bytes", "malicious pickle"])
 def test_damaged_checkpoint_is_one_line_for_resume_and_eval(run, shards, tmp_path, capsys, how):
     out = _copy_run(run, tmp_path / "run")

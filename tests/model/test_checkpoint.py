@@ -69,6 +69,7 @@ def test_damaged_checkpoint_is_one_error_naming_the_file(tmp_path, damage):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the probe
 @pytest.mark.parametrize("form", ["raw pickle", "torch.save archive"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, form):
     marker = tmp_path / "pwned"
