@@ -110,18 +110,21 @@ TEMPERATURE_PARAMS = ("heads.cls.logit_scale", "heads.cls.bias")
 
 def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     """Backbone at lr x backbone_lr_mult, the class head's temperature and bias at lr x
-    temperature_lr_mult; no weight decay on biases, norms, scales, embeddings."""
-    groups: dict[tuple[float, bool], list] = {}
+    temperature_lr_mult; no weight decay on biases, norms, scales, embeddings. Groups are keyed by
+    part, not by multiplier, so the optimizer's layout is the same whatever the multipliers."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and "learnable." not in name  # embeddings are 2-D but not decayed
-        mult = (config.backbone_lr_mult if name.startswith("backbone.")
-                else config.temperature_lr_mult if name in TEMPERATURE_PARAMS else 1.0)
-        groups.setdefault((mult, decay), []).append(p)
-    return [{"params": ps, "lr": config.lr * mult,
+        part = ("backbone" if name.startswith("backbone.")
+                else "temperature" if name in TEMPERATURE_PARAMS else "rest")
+        groups.setdefault((part, decay), []).append(p)
+    mult = {"backbone": config.backbone_lr_mult, "temperature": config.temperature_lr_mult,
+            "rest": 1.0}
+    return [{"params": ps, "lr": config.lr * mult[part],
              "weight_decay": config.weight_decay if decay else 0.0}
-            for (mult, decay), ps in groups.items()]
+            for (part, decay), ps in groups.items()]
 
 
 def rng_state() -> dict:
@@ -309,7 +312,11 @@ def train(config: TrainConfig, data,
     if config.resume:
         state = load_checkpoint(ckpt_path, config)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # parameter groups of another layout (an older engine)
+            raise ValueError(f"resume: {ckpt_path}: its optimizer state does not fit this "
+                             f"engine's parameter groups ({exc}); start a new --out") from exc
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         set_rng_state(state["rng"][rank])

@@ -270,3 +270,15 @@ def test_classifier_health_is_logged_and_the_temperature_moves(tmp_path):
     head_budget = sum(config.lr * get_lr(i, config) for i in range(6))
     moved = abs(np.log(rows[-1]["class/logit_scale"]) - np.log(1 / 0.07))
     assert moved > head_budget
+
+
+def test_resume_with_another_optimizer_layout_is_one_error(tmp_path):
+    from model.checkpoint import save_checkpoint
+
+    path = train(_config(tmp_path, max_iters=2), FakeLoader())
+    state = torch.load(path, weights_only=True)
+    groups = state["optimizer"]["param_groups"]  # as an engine without the temperature group
+    state["optimizer"]["param_groups"] = groups[:-1]
+    save_checkpoint(path, state)
+    with pytest.raises(ValueError, match=r"ckpt.pt: its optimizer state does not fit"):
+        train(_config(tmp_path, max_iters=4, resume=True), FakeLoader())
