@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -94,6 +95,22 @@ def verify_checkpoint(path: Path) -> None:
                          "truncated or damaged; use another checkpoint")
 
 
+def _reason(exc: Exception) -> str:
+    """One short line for a failed torch.load. torch's weights-only message advises retrying with
+    weights_only=False, the one thing never to do with a file that may run code: keep only the
+    unpickler's own reason (the text between that advice and the pointer to the docs)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        detail = text.split("Check the documentation")[0]
+        detail = detail.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in \
+            detail else detail.split("trusted source.")[-1]
+        detail = " ".join(detail.split()).rstrip(".") or "unsafe content"
+        return (f"the weights-only loader refused it: {detail}; a checkpoint holds only tensors "
+                "and plain data, and nothing in this file was run")
+    first = " ".join(text.split()).split(". ")[0]
+    return f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
+
+
 def load_checkpoint_file(path: Path, map_location: str = "cpu") -> dict:
     """The state dict of an `engine train` checkpoint, verified; one-line errors naming `path`."""
     path = Path(path)
@@ -103,9 +120,7 @@ def load_checkpoint_file(path: Path, map_location: str = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises a dozen types for bad bytes
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                         f"{detail})") from exc
+        raise ValueError(f"{path}: not a readable checkpoint ({_reason(exc)})") from exc
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise ValueError(f"{path}: not an `engine train` checkpoint (no model/config entries)")
     return state
