@@ -101,6 +101,9 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seed of weights, sampling and augmentation.")] = 0,
     tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars.")] = True,
     cache_images: Annotated[int, typer.Option(help="Decoded images kept in memory.")] = 256,
+    root: Annotated[Path | None, typer.Option(
+        help="Image root overriding the manifest's (data moved); one-dataset mixtures only, "
+             "else a `root:` key per mix.yaml entry.")] = None,
 ) -> None:
     """Train MQ-Former on a weighted mixture of shard folders (mix.yaml)."""
     from model.build import MODEL_SIZES
@@ -138,6 +141,8 @@ def train_command(
             "seed": seed}
     _check_run_folder(out, resume, data)
     mix = load_mixture(mixture)  # every key checked here, before the model is built
+    if root is not None:
+        _override_root(mix, root)
     config = TrainConfig(
         out_dir=str(out), model_size=model, queries=queries, text_encoder=text_encoder,
         text_encoder_path=None if text_encoder_path is None else str(text_encoder_path),
@@ -161,9 +166,19 @@ def train_command(
         _print_row("last logged step", last)
 
 
+def _override_root(mix, root: Path) -> None:
+    """--root: the image root of a one-dataset mixture (with several, which one would it be?)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root {root} is not a folder")
+    if len(mix.datasets) != 1:
+        raise ValueError(f"--root: {mix.source} lists {len(mix.datasets)} datasets; give each "
+                         "its own `root:` key in the mixture file instead")
+    mix.datasets[0].root = root.resolve()
+
+
 def _check_run_folder(out: Path, resume: bool, data: dict) -> None:
     """Refuse to overwrite a run without --resume, and to resume with other data options."""
-    import torch
+    from model.checkpoint import load_checkpoint_file
 
     ckpt = out / CHECKPOINT_NAME
     if not resume:
@@ -173,7 +188,7 @@ def _check_run_folder(out: Path, resume: bool, data: dict) -> None:
         return
     if not ckpt.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {ckpt}")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["config"].get("data", {})
+    saved = load_checkpoint_file(ckpt)["config"].get("data", {})
     for key in ("image_size", "batch_size", "seed"):
         if key in saved and saved[key] != data[key]:
             flag = "--" + key.replace("_", "-")
@@ -209,7 +224,8 @@ def _train_with_progress(config, loader, train_fn, images_per_step: int) -> dict
 
 def _print_row(title: str, row: dict) -> None:
     keys = ["step", "loss", "loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou",
-            "lr", "images_per_s", "share/conditional_of_things", "share/learnable_of_stuff"]
+            "lr", "images_per_s", "share/conditional_of_things", "share/learnable_of_stuff",
+            "class/accuracy", "class/text_cosine", "class/logit_scale"]
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -242,10 +258,13 @@ def eval_command(
     = "gt,synthesized",
     all_objects: Annotated[bool, typer.Option(help="Include objects with keep = false.")] = False,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    root: Annotated[Path | None, typer.Option(
+        help="Image root overriding the --data manifest's (data moved).")] = None,
 ) -> None:
     """Evaluate a checkpoint on one task of a shard folder; print and write the metrics."""
     import torch
 
+    from model.checkpoint import load_checkpoint_file
     from model.data import ShardSet, iter_eval_samples
     from model.inference import TASKS, Evaluator, dataset_categories, load_model, run_model
 
@@ -258,19 +277,19 @@ def eval_command(
         _one_of("--masks", m, MASK_KINDS)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"--root {root} is not a folder")
     device = _device(device)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "config" not in state or "model" not in state:
-        raise ValueError(f"--checkpoint {checkpoint} is not an `engine train` checkpoint")
+    state = load_checkpoint_file(checkpoint)
     size = _image_size(image_size or state["config"].get("data", {}).get("image_size", 512))
-    shards = ShardSet(data)  # raises when --data is not a shard folder
+    shards = ShardSet(data, root=root)  # raises when --data is not a readable run
     vocab, is_thing = dataset_categories(shards, keep_only=not all_objects)
     torch.manual_seed(0)  # the matcher's random points: the same figures on every run
     model = load_model(state).to(device)
     evaluator = Evaluator(task, vocab, is_thing,
                           num_points=state["config"].get("num_points", 12544))
     samples = iter_eval_samples(data, task, size, masks=tuple(mask_kinds),
-                                keep_only=not all_objects)
+                                keep_only=not all_objects, root=root)
     start = time.perf_counter()
     for sample, output in run_model(model, islice(samples, limit), device, batch_size):
         evaluator.add(sample, output)

@@ -8,8 +8,10 @@ proposals) the matcher assigns queries to targets, then:
               the matched masks; sum / num_masks. Box-only samples (has_masks False) are left out.
   loss_bbox, loss_giou: L1 and 1 - GIoU of the matched boxes (cxcywh in [0, 1]); sum / num_boxes.
 Keys of earlier stages get a suffix `_0`, `_1`, ... and the encoder proposals `_interm`.
-`loss` is the weighted total. The criterion also counts, on the final stage, which query type
-matched each target, split by the target's is_thing flag (the paper's thing/stuff diagnostic).
+`loss` is the weighted total. The criterion also counts (the second value it returns), on the
+final stage, which query type matched each target, split by the target's is_thing flag (the paper's
+thing/stuff diagnostic), and, under `class/` keys, the sums behind matched-query class accuracy and
+the texts' mean pairwise cosine (`class_diagnostics`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,34 @@ def count_matches_by_type(indices: list[tuple[Tensor, Tensor]], query_types: Ten
     return counts
 
 
+def class_diagnostics(outputs: dict, targets: list[dict],
+                      indices: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """Sums behind two health signs of the text classifier (issue 11: it collapsed unseen):
+
+    class/correct, class/total: matched queries whose highest-scoring text is their target's text,
+        over samples with >= 2 texts (with one text every query is trivially "right");
+    class/cosine_sum, class/cosine_n: cosine between the projected embeddings of every pair of a
+        sample's texts (the class head compares queries against these; near 1 = indistinguishable).
+    """
+    out = {"class/correct": 0, "class/total": 0, "class/cosine_sum": 0.0, "class/cosine_n": 0}
+    logits = outputs["pred_logits"].detach()
+    emb = outputs.get("text_embed")
+    for b, ((src, tgt), target) in enumerate(zip(indices, targets, strict=True)):
+        k = len(target["texts"])
+        if k < 2:
+            continue
+        if len(src):
+            predicted = logits[b, src.to(logits.device), :k].argmax(-1).cpu()
+            out["class/correct"] += int((predicted == target["labels"].cpu()[tgt.cpu()]).sum())
+            out["class/total"] += len(src)
+        if emb is not None:
+            unit = F.normalize(emb[b, :k].detach().float(), dim=-1)
+            cos = unit @ unit.T
+            out["class/cosine_sum"] += float(cos.sum() - cos.diagonal().sum())
+            out["class/cosine_n"] += k * (k - 1)
+    return out
+
+
 class SetCriterion(nn.Module):
     """forward(outputs, targets) -> (losses dict of scalar tensors incl. "loss", match counts)."""
 
@@ -126,7 +156,7 @@ class SetCriterion(nn.Module):
         return loss
 
     def forward(self, outputs: dict, targets: list[dict]) -> tuple[dict[str, Tensor],
-                                                                   dict[str, int]]:
+                                                                   dict[str, float]]:
         check_targets(targets, outputs["pred_logits"].shape[-1])
         device = outputs["pred_logits"].device
         num_boxes = _global_count(sum(len(t["labels"]) for t in targets), device)
@@ -142,6 +172,7 @@ class SetCriterion(nn.Module):
             indices = self.matcher(stage, targets)
             if suffix == "":
                 counts = count_matches_by_type(indices, outputs["query_types"], targets)
+                counts.update(class_diagnostics(outputs, targets, indices))
             for k, v in self.stage_losses(stage, targets, indices, num_boxes, num_masks).items():
                 losses[k + suffix] = v
                 total = total + self.weights[k] * v

@@ -1,10 +1,12 @@
 """Training data for MQ-Former: shard reader, weighted mixture sampler, targets per task.
 
-Shard folder (`engine synthesize` output): manifest.json (manifest["source"]["root"] is the image
-root; a relative root resolves against the folder), images/part-NNNNN.parquet,
-objects/part-NNNNN.parquet. Unit k writes both part k files and objects are sorted by image_id, so
-an image's objects live in the objects part named like its images part: the reader keeps an image
-index and reads objects one part at a time (LRU), grouped by image_id.
+Shard folder (`engine synthesize` output), opened through schemas.runs.open_run: the parts are
+exactly those manifest.json and _units.jsonl list (a stale part-*.parquet left in the folder is not
+read), a run of another major schema version is refused, and the image root is the manifest's
+source.root unless overridden (`root:` in mix.yaml, `--root`). Unit k writes one images part and one
+objects part, and objects are sorted by image_id, so an image's objects live in its unit's objects
+part: the reader keeps an image index and reads objects one part at a time (LRU), grouped by
+image_id.
 
 Sampling (`MixtureLoader`): draw a dataset by weight, a task among its tasks, then the next image of
 that dataset's stream (parts in a shuffled order per epoch, images shuffled within a part, so reads
@@ -35,9 +37,10 @@ import pyarrow.parquet as pq
 import torch
 
 from model import transforms as T
-from model.mixture import DatasetSpec, Mixture, load_mixture
+from model.mixture import DatasetSpec, Mixture, load_mixture, sampling_probs
 from pipelines.images import decode_rgb, read_regular_file
 from schemas import masks as mask_codec
+from schemas.runs import open_run
 
 __all__ = ["MixtureLoader", "ShardSet", "iter_eval_samples", "load_mixture", "image_hashes"]
 
@@ -64,44 +67,39 @@ class ImageEntry:
     part: str  # e.g. "part-00003.parquet"
 
 
-def read_manifest(shard_dir: Path) -> dict:
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{shard_dir}: no manifest.json (not a `synthesize` output folder)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from e
-    if not isinstance(manifest.get("source"), dict) or not manifest["source"].get("root"):
-        raise ValueError(f"{path}: missing source.root (the folder image paths are relative to)")
-    return manifest
-
-
-def image_hashes(shard_dir: Path) -> set[str]:
-    """Content hashes (images.sha256) of every image of a shard folder, whatever its status."""
-    read_manifest(shard_dir)
+def image_hashes(shard_dir: Path, root: Path | None = None) -> set[str]:
+    """Content hashes (images.sha256) of every image of a run, whatever its status."""
     hashes: set[str] = set()
-    for part in sorted((Path(shard_dir) / "images").glob("part-*.parquet")):
+    for part in open_run(shard_dir, root).parts["images"]:
         hashes.update(h for h in pq.read_table(part, columns=["sha256"])["sha256"].to_pylist() if h)
     return hashes
 
 
 class ShardSet:
-    """Image index (status 'ok', minus excluded hashes) and LRU-cached objects of a shard folder."""
+    """Image index (status 'ok', minus excluded hashes) and LRU-cached objects of a run folder.
+
+    The parts are exactly those the run's manifest and unit log list (schemas.runs.open_run, which
+    also refuses another major schema version); `root` overrides the manifest's image root.
+    """
 
     def __init__(self, shard_dir: Path, exclude_hashes: set[str] | None = None,
-                 cached_parts: int = 2):
-        self.dir = Path(shard_dir)
-        self.manifest = read_manifest(self.dir)
-        root = Path(self.manifest["source"]["root"])
-        self.root = root if root.is_absolute() else self.dir / root
+                 cached_parts: int = 2, root: Path | None = None):
+        self.run = open_run(Path(shard_dir), root)
+        self.dir, self.manifest, self.root = self.run.dir, self.run.manifest, self.run.root
+        if not self.root.is_dir():  # data moved: say so before any model is built
+            raise FileNotFoundError(f"{self.dir}: image root {self.root} is not a folder (the data "
+                                    "moved? give its new place with --root or a `root:` key)")
+        # unit k wrote images/part-k and objects/part-k: pair them by unit, not by file name
+        self._object_files = {img.name: obj for img, obj in
+                              zip(self.run.parts["images"], self.run.parts["objects"],
+                                  strict=True)}
         self.parts: list[str] = []
         self.images: dict[str, list[ImageEntry]] = {}
         self.excluded = self.unhashed = 0
         self._objects: OrderedDict[str, dict[str, list[dict]]] = OrderedDict()
         self._cached_parts = cached_parts
         self._vocab: dict[bool, list[str]] = {}
-        for path in sorted((self.dir / "images").glob("part-*.parquet")):
+        for path in self.run.parts["images"]:
             entries = self._index_part(path, exclude_hashes or set())
             if entries:
                 self.parts.append(path.name)
@@ -132,11 +130,8 @@ class ShardSet:
         if part in self._objects:
             self._objects.move_to_end(part)
             return self._objects[part]
-        path = self.dir / "objects" / part
-        grouped: dict[str, list[dict]] = {}
-        if path.is_file():
-            rows = pq.read_table(path, columns=OBJECT_COLUMNS).to_pylist()
-            grouped = {k: list(g) for k, g in groupby(rows, key=lambda r: r["image_id"])}
+        rows = pq.read_table(self._object_files[part], columns=OBJECT_COLUMNS).to_pylist()
+        grouped = {k: list(g) for k, g in groupby(rows, key=lambda r: r["image_id"])}
         self._objects[part] = grouped
         while len(self._objects) > self._cached_parts:
             self._objects.popitem(last=False)
@@ -146,7 +141,7 @@ class ShardSet:
         """Sorted distinct category texts of the folder (kept objects only if keep_only)."""
         if keep_only not in self._vocab:
             names: set[str] = set()
-            for part in sorted((self.dir / "objects").glob("part-*.parquet")):
+            for part in self.run.parts["objects"]:
                 table = pq.read_table(part, columns=["category", "keep"])
                 column = table["category"].filter(table["keep"]) if keep_only else table["category"]
                 names.update(v for v in pc.unique(column).to_pylist() if v)
@@ -352,7 +347,7 @@ class MixtureLoader:
         hashes: set[str] = set()
         for path in self.mixture.exclude:
             hashes |= image_hashes(path)
-        self.shards = [ShardSet(d.path, hashes) for d in self.mixture.datasets]
+        self.shards = [ShardSet(d.path, hashes, root=d.root) for d in self.mixture.datasets]
         self.excluded = {d.name: s.excluded for d, s in zip(self.mixture.datasets, self.shards,
                                                               strict=True)}
         for spec, shards in zip(self.mixture.datasets, self.shards, strict=True):
@@ -360,8 +355,7 @@ class MixtureLoader:
                 raise ValueError(f"{spec.path}: no usable image (status 'ok', not excluded)")
             if shards.excluded:
                 log.info("%s: %d images excluded (also in an eval set)", spec.name, shards.excluded)
-        weights = np.array([d.weight for d in self.mixture.datasets])
-        self.probs = weights / weights.sum()
+        self.probs = sampling_probs(self.mixture)
         self.rng = np.random.default_rng(seed)
         self.streams = [_Stream(s, seed, i, train) for i, s in enumerate(self.shards)]
         self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
@@ -451,7 +445,8 @@ class MixtureLoader:
 # ------------------------------------------------------------------------------------ evaluation
 def iter_eval_samples(shard_dir: str | Path, task: str, image_size: int = 256,
                       masks: tuple[str, ...] = ("gt", "synthesized"), keep_only: bool = True,
-                      captions: list[str] | None = None) -> Iterator[dict]:
+                      captions: list[str] | None = None,
+                      root: Path | None = None) -> Iterator[dict]:
     """Evaluation samples of one shard folder, in storage order, without augmentation.
 
     Yields {"image": (3, S, S), "target": target dict (fixed template), "geometry": T.Geometry,
@@ -460,10 +455,10 @@ def iter_eval_samples(shard_dir: str | Path, task: str, image_size: int = 256,
     "iscrowd"}]}}.
     Referring yields one target per (object, expression). Crowd objects appear only in gt (iscrowd
     True, label of their class) so metrics can treat them as ignore regions. Images with nothing for
-    the task (no region, no expression) are skipped.
+    the task (no region, no expression) are skipped. `root` overrides the manifest's image root.
     """
     spec = DatasetSpec(Path(shard_dir), 1.0, [task], list(masks), keep_only, captions)
-    shards = ShardSet(Path(shard_dir))
+    shards = ShardSet(Path(shard_dir), root=root)
     vocab = shards.vocabulary(keep_only) if task in VOCAB_TASKS else []
     index = {name: i for i, name in enumerate(vocab)}
     for part in shards.parts:

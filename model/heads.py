@@ -47,11 +47,14 @@ class ClassHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
 
+    def scale(self) -> Tensor:
+        """The temperature exp(s), capped at 100 as CLIP does."""
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
     def forward(self, queries: Tensor, texts: Tensor, text_mask: Tensor) -> Tensor:
         q = F.normalize(self.proj(queries), dim=-1)
         t = F.normalize(texts, dim=-1)
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap
-        logits = scale * torch.einsum("bqd,bkd->bqk", q, t) + self.bias
+        logits = self.scale() * torch.einsum("bqd,bkd->bqk", q, t) + self.bias
         return logits.masked_fill(~text_mask[:, None, :], float("-inf"))
 
 

@@ -9,6 +9,7 @@ Shape (docs/mixture.md has the full table, examples/mix.yaml an example):
         masks: [gt, synthesized]   # mask provenance to train on; synthesized = mask_origin != "gt"
         keep_only: true            # only objects with keep = true (status 'kept')
         captions: [gt]             # caption provenances usable as referring prompts (default: all)
+        root: /mnt/demo-images     # image root, overriding the manifest's (data moved); optional
     exclude: [runs/refcoco_val]    # evaluation shard folders: their images (by sha256) never train
                                    # (`eval_sets:` is the same key under another name)
 
@@ -23,11 +24,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 TASKS = ("instance", "semantic", "panoptic", "referring", "foreground", "detection")
 MASK_KINDS = ("gt", "synthesized")
-DATASET_KEYS = ("path", "weight", "tasks", "masks", "keep_only", "captions", "name")
+DATASET_KEYS = ("path", "weight", "tasks", "masks", "keep_only", "captions", "name", "root")
 TOP_KEYS = ("datasets", "exclude", "eval_sets")
 
 
@@ -42,6 +44,7 @@ class DatasetSpec:
     keep_only: bool = True
     captions: list[str] | None = None  # None: every caption provenance
     name: str = ""
+    root: Path | None = None  # image root overriding the manifest's source.root; absolute
 
 
 @dataclass
@@ -79,6 +82,55 @@ def _shard_dir(value, where: str, base_dir: Path) -> Path:
     return path.resolve()
 
 
+def _image_root(value, where: str, base_dir: Path) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(where, f"must be a folder path string, got {value!r}")
+    path = Path(value)
+    path = path if path.is_absolute() else (base_dir / path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{where} {path} is not a folder (the image root)")
+    return path.resolve()
+
+
+def _weight(value, where: str) -> float:
+    # YAML 1.1 (PyYAML) reads 1e-3 or 1e308 as text although YAML 1.2 and every user read a number
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _fail(where, f"must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(where, f"must be a number, got {value!r}")
+    if value <= 0:
+        raise _fail(where, f"must be > 0, got {value}")
+    return float(value)
+
+
+def sampling_probs(mixture: Mixture, where: str = "mix.yaml") -> np.ndarray:
+    """Probability of drawing each dataset: weight / sum of weights.
+
+    Checked here rather than left to numpy ("probabilities contain NaN"): every weight a finite
+    number > 0, a sum that does not overflow (two weights of 1e308) and no share that rounds to 0
+    (a dataset that would never be drawn); the error names the entry.
+    """
+    where = str(mixture.source.name) if mixture.source is not None else where
+    weights, total = [], 0.0
+    for i, spec in enumerate(mixture.datasets):
+        weights.append(_weight(spec.weight, f"{where}: datasets[{i}].weight"))
+        total += weights[-1]
+        if not math.isfinite(total):
+            raise _fail(f"{where}: datasets[{i}].weight", f"{spec.weight!r} makes the sum of the "
+                        "weights overflow; weights are relative, scale them down (e.g. 1 and 3)")
+    probs = np.array(weights) / total
+    for i, p in enumerate(probs):
+        if not p > 0:
+            raise _fail(f"{where}: datasets[{i}].weight", f"{weights[i]!r} is so small next to the "
+                        "others that this dataset would never be drawn")
+    return probs
+
+
 def _dataset(entry, where: str, base_dir: Path) -> DatasetSpec:
     if not isinstance(entry, dict):
         raise _fail(where, f"must be a mapping with keys {', '.join(DATASET_KEYS)}")
@@ -88,11 +140,7 @@ def _dataset(entry, where: str, base_dir: Path) -> DatasetSpec:
     for key in ("path", "tasks"):
         if key not in entry:
             raise _fail(f"{where}.{key}", "is required")
-    weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-        raise _fail(f"{where}.weight", f"must be a number, got {weight!r}")
-    if weight <= 0:
-        raise _fail(f"{where}.weight", f"must be > 0, got {weight}")
+    weight = _weight(entry.get("weight", 1.0), f"{where}.weight")
     keep_only = entry.get("keep_only", True)
     if not isinstance(keep_only, bool):
         raise _fail(f"{where}.keep_only", f"must be true or false, got {keep_only!r}")
@@ -100,12 +148,13 @@ def _dataset(entry, where: str, base_dir: Path) -> DatasetSpec:
     path = _shard_dir(entry["path"], f"{where}.path", base_dir)
     return DatasetSpec(
         path=path,
-        weight=float(weight),
+        weight=weight,
         tasks=_str_list(entry["tasks"], f"{where}.tasks", TASKS),
         masks=_str_list(entry.get("masks", list(MASK_KINDS)), f"{where}.masks", MASK_KINDS),
         keep_only=keep_only,
         captions=None if captions is None else _str_list(captions, f"{where}.captions"),
         name=str(entry.get("name") or path.name),
+        root=_image_root(entry.get("root"), f"{where}.root", base_dir),
     )
 
 
@@ -131,7 +180,9 @@ def parse_mixture(doc, where: str = "mix.yaml", base_dir: Path | None = None) ->
     overlap = {d.path for d in datasets} & set(exclude)
     if overlap:
         raise _fail(where + ":", f"{sorted(map(str, overlap))} is both trained on and excluded")
-    return Mixture(datasets=datasets, exclude=list(dict.fromkeys(exclude)))
+    mixture = Mixture(datasets=datasets, exclude=list(dict.fromkeys(exclude)))
+    sampling_probs(mixture, where)
+    return mixture
 
 
 def load_mixture(path: str | Path, base_dir: Path | None = None) -> Mixture:

@@ -19,6 +19,8 @@ forward(images, texts) -> dict:
   "text_mask":   (B, K_max) bool, True for real texts.
   "pred_masks":  (B, Q, H/4, W/4) mask logits.
   "pred_boxes":  (B, Q, 4) cxcywh in [0, 1] of the padded image.
+  "text_embed":  (B, K_max, d) the projected text embeddings the class head compares against
+                 (diagnostics: their pairwise cosine).
   "query_types": (Q,) long, index into queries.QUERY_TYPES ("conditional" first, then "learnable").
   "aux_outputs": list of dicts with pred_logits/pred_masks/pred_boxes of the earlier decoder stages
                  (the initial queries, then layers 1 .. L-1): deep supervision.
@@ -117,7 +119,8 @@ class MQFormer(nn.Module):
                               enc.memory, enc.spatial_shapes, self.heads, text_emb, text_mask,
                               enc.mask_features)
         out = dict(stages[-1])
-        out.update(text_mask=text_mask, query_types=self.query_types, aux_outputs=stages[:-1])
+        out.update(text_mask=text_mask, text_embed=text_emb, query_types=self.query_types,
+                   aux_outputs=stages[:-1])
         if interm is not None:
             out["interm_outputs"] = interm
         return out

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model.build import build_mqformer, model_config
+from model.checkpoint import load_checkpoint_file, save_checkpoint
 from model.criterion import SetCriterion
 from model.matcher import HungarianMatcher
 from model.mqformer import QUERY_MODES
@@ -52,7 +53,10 @@ class TrainConfig:
     max_iters: int = 1000              # optimizer steps
     grad_accum: int = 1                # micro-batches per optimizer step
     lr: float = 1e-4                   # Mask DINO: AdamW 1e-4, backbone x0.1, wd 0.05
-    backbone_lr_mult: float = 0.1
+    backbone_lr_mult: float | None = None  # None: x0.1 for a pretrained backbone (Mask DINO), x1
+                                       # for random init (x0.1 left it nearly untrained: issue 11)
+    temperature_lr_mult: float = 10.0  # class head's logit scale and bias: scalars that AdamW moves
+                                       # by ~lr per step, so at 1e-4 they barely moved (issue 11)
     weight_decay: float = 0.05
     warmup_iters: int = 100
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_iters
@@ -72,6 +76,11 @@ class TrainConfig:
 
     def __post_init__(self):
         model_config(self.model_size)  # raises with the valid sizes
+        if self.backbone_lr_mult is None:
+            self.backbone_lr_mult = 0.1 if self.backbone_checkpoint else 1.0
+        for name in ("backbone_lr_mult", "temperature_lr_mult"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.queries not in QUERY_MODES:
             raise ValueError(f"queries={self.queries!r}; choose one of: {', '.join(QUERY_MODES)}")
         for name in ("max_iters", "grad_accum", "log_interval", "ckpt_interval"):
@@ -96,17 +105,26 @@ def get_lr(it: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
+TEMPERATURE_PARAMS = ("heads.cls.logit_scale", "heads.cls.bias")
+
+
 def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """Backbone at lr x backbone_lr_mult; no weight decay on biases, norms, scales, embeddings."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """Backbone at lr x backbone_lr_mult, the class head's temperature and bias at lr x
+    temperature_lr_mult; no weight decay on biases, norms, scales, embeddings. Groups are keyed by
+    part, not by multiplier, so the optimizer's layout is the same whatever the multipliers."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and "learnable." not in name  # embeddings are 2-D but not decayed
-        groups.setdefault((name.startswith("backbone."), decay), []).append(p)
-    return [{"params": ps, "lr": config.lr * (config.backbone_lr_mult if bb else 1.0),
+        part = ("backbone" if name.startswith("backbone.")
+                else "temperature" if name in TEMPERATURE_PARAMS else "rest")
+        groups.setdefault((part, decay), []).append(p)
+    mult = {"backbone": config.backbone_lr_mult, "temperature": config.temperature_lr_mult,
+            "rest": 1.0}
+    return [{"params": ps, "lr": config.lr * mult[part],
              "weight_decay": config.weight_decay if decay else 0.0}
-            for (bb, decay), ps in groups.items()]
+            for (part, decay), ps in groups.items()]
 
 
 def rng_state() -> dict:
@@ -152,17 +170,10 @@ def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary name, then rename: a killed run never leaves a torn checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path, config: TrainConfig) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     saved = state["config"]
     for key in ("model_size", "queries", "text_encoder"):
         if saved[key] != getattr(config, key):
@@ -171,22 +182,38 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict:
     return state
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (the checkpoint the run starts from; 0 on a
+    fresh start): the run redoes every later step, so an attempt killed after logging them must not
+    leave duplicates. A torn line (a kill mid-write) and any other unreadable line are dropped.
+    Rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricLog:
     """Running sums between log lines; writes metrics.jsonl (and TensorBoard) on rank 0."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, start_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
-        if start_step and self.path.exists():
-            # a resumed run redoes the steps after its checkpoint: drop their old rows
-            rows = [r for r in self.path.read_text().splitlines()
-                    if json.loads(r)["step"] <= start_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+        truncate_metrics(self.path, start_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
+            # purge what a killed attempt logged after the checkpoint (all of it on a fresh start)
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.reset()
 
     def reset(self) -> None:
@@ -203,12 +230,20 @@ class MetricLog:
         self.n += 1
         self.images += images
 
-    def write(self, step: int, lr: float) -> dict:
+    def write(self, step: int, lr: float, extra: dict | None = None) -> dict:
         elapsed = time.perf_counter() - self.start
         row = {"step": step, "lr": lr, "s_per_step": elapsed / max(self.n, 1),
                "images_per_s": self.images / max(elapsed, 1e-9)}
         row.update({k: v / max(self.n, 1) for k, v in self.sums.items()})
-        row.update({f"matched/{k}": v for k, v in self.counts.items()})
+        row.update({f"matched/{k}": v for k, v in self.counts.items()
+                    if not k.startswith("class/")})
+        # the text classifier's health (issue 11): None when the interval had nothing to measure
+        c = self.counts
+        row["class/accuracy"] = c["class/correct"] / c["class/total"] \
+            if c.get("class/total") else None
+        row["class/text_cosine"] = c["class/cosine_sum"] / c["class/cosine_n"] \
+            if c.get("class/cosine_n") else None
+        row.update(extra or {})
         things = self.counts.get("conditional/thing", 0) + self.counts.get("learnable/thing", 0)
         stuff = self.counts.get("conditional/stuff", 0) + self.counts.get("learnable/stuff", 0)
         # the paper's diagnostic: share of things taken by conditional queries, of stuff by
@@ -230,6 +265,13 @@ class MetricLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def classifier_state(model) -> dict:
+    """The class head's temperature and bias (logits = exp(s) * cos + b), as metrics."""
+    head = model.heads.cls
+    return {"class/logit_scale": float(head.scale().detach()),
+            "class/bias": float(head.bias.detach())}
 
 
 def _micro_step(model, criterion, batch: dict, device: torch.device, scale: float):
@@ -270,7 +312,11 @@ def train(config: TrainConfig, data,
     if config.resume:
         state = load_checkpoint(ckpt_path, config)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # parameter groups of another layout (an older engine)
+            raise ValueError(f"resume: {ckpt_path}: its optimizer state does not fit this "
+                             f"engine's parameter groups ({exc}); start a new --out") from exc
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         set_rng_state(state["rng"][rank])
@@ -316,7 +362,7 @@ def train(config: TrainConfig, data,
         step += 1
         row = None
         if metrics is not None and (step % config.log_interval == 0 or step == last_step):
-            row = metrics.write(step, lr)
+            row = metrics.write(step, lr, classifier_state(model))
             log.info("step %d loss %.4f lr %.2e", step, row.get("loss", float("nan")), lr)
         if step % config.ckpt_interval == 0 or step == last_step:
             checkpoint()

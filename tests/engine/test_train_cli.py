@@ -5,6 +5,7 @@ eval, checked against DuckDB counts of the same shards; exact --resume; user err
 import json
 import math
 import re
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -193,3 +194,127 @@ def test_bad_eval_flags_exit_2(run, shards, tmp_path, capsys):
     assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path), "--task",
                  "instance"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) <= 2 and lines[0].startswith("error:"), err  # rich may wrap a long line
+    return " ".join(err.split())
+
+
+def _one_dataset_mix(tmp_path, run_dir, extra: str = "") -> Path:
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"datasets:\n  - path: {run_dir}\n    tasks: [instance]\n    masks: [gt]\n"
+                   f"{extra}")
+    return mix
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_train_refuses_another_major_schema_version(shards, tmp_path, capsys):
+    run_dir = _copy_run(shards["scenes"], tmp_path / "scenes")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["schema_version"] = "9.9.9"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["train", "--mixture", str(_one_dataset_mix(tmp_path, run_dir)), "--out",
+            str(tmp_path / "o"), *TRAIN_FLAGS]
+    assert main(argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"{run_dir}: written with schema version '9.9.9'" in err
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_train_reads_only_the_parts_the_manifest_lists(shards, tmp_path):
+    from model.data import MixtureLoader
+
+    run_dir = _copy_run(shards["scenes"], tmp_path / "scenes")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for table in ("images", "objects"):  # stale copies, as a smaller rerun leaves them
+        for part in sorted((run_dir / table).glob("part-*.parquet")):
+            (run_dir / table / part.name.replace("part-0", "part-9")).write_bytes(
+                part.read_bytes())
+    globbed, = _sql(f"SELECT count(*) FROM read_parquet('{run_dir}/objects/*.parquet')")
+    assert globbed == 2 * manifest["totals"]["objects"]
+    loader = MixtureLoader(_one_dataset_mix(tmp_path, run_dir), image_size=64)
+    (shard_set,) = loader.shards
+    objects = sum(len(rows) for p in shard_set.parts for rows in shard_set.objects(p).values())
+    assert len(shard_set) == manifest["totals"]["images_ok"]
+    assert objects == manifest["totals"]["objects"]
+
+
+def test_root_flag_and_key_override_the_manifest_root(shards, tmp_path, capsys):
+    import shutil
+
+    run_dir = _copy_run(shards["scenes"], tmp_path / "scenes")
+    images = tmp_path / "moved"
+    shutil.copytree(DEMO_DIR, images)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["source"]["root"] = str(tmp_path / "gone")  # the data moved
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    flags = [*TRAIN_FLAGS]
+    flags[flags.index("--steps") + 1] = "1"
+    mix = _one_dataset_mix(tmp_path, run_dir)
+    assert main(["train", "--mixture", str(mix), "--out", str(tmp_path / "a"), *flags]) == 2
+    assert str(tmp_path / "gone") in _one_line(capsys.readouterr().err)
+    assert main(["train", "--mixture", str(mix), "--out", str(tmp_path / "b"), *flags,
+                 "--root", str(images)]) == 0
+    keyed = _one_dataset_mix(tmp_path, run_dir, f"    root: {images}\n")
+    assert main(["train", "--mixture", str(keyed), "--out", str(tmp_path / "c"), *flags]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "c" / "last.pt"), "--data",
+                 str(run_dir), "--task", "instance", "--device", "cpu", "--limit", "2",
+                 "--root", str(images)]) == 0
+    capsys.readouterr()
+    # with two datasets a single --root is ambiguous
+    assert main(["train", "--mixture", str(shards["mix"]), "--out", str(tmp_path / "d"), *flags,
+                 "--root", str(images)]) == 2
+    assert "give each its own `root:` key" in _one_line(capsys.readouterr().err)
+
+
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "zero bytes":
+        path.write_bytes(b"")
+    elif how == "random bytes":
+        path.write_bytes(bytes(range(256)) * (len(data) // 256 + 1))
+    elif how == "malicious pickle":
+        import os
+        import pickle
+
+        class Shell:
+            def __reduce__(self):
+                return (os.system, (f"touch {path.parent / 'pwned'}",))
+
+        path.write_bytes(pickle.dumps({"model": Shell(), "config": {}}))
+        (path.parent / "last.pt.sha256").unlink()  # no checksum to hide behind either
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the probe
+@pytest.mark.parametrize("how", ["truncated", "zero bytes", "random bytes", "malicious pickle"])
+def test_damaged_checkpoint_is_one_line_for_resume_and_eval(run, shards, tmp_path, capsys, how):
+    out = _copy_run(run, tmp_path / "run")
+    ckpt = out / "last.pt"
+    _damage(ckpt, how)
+    assert main(["train", "--mixture", str(shards["mix"]), "--out", str(out), *TRAIN_FLAGS,
+                 "--resume"]) == 2
+    assert f"error: {ckpt}:" in _one_line(capsys.readouterr().err)
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(shards["scenes"]), "--task",
+                 "instance", "--device", "cpu"]) == 2
+    assert f"error: {ckpt}:" in _one_line(capsys.readouterr().err)
+    assert not (out / "pwned").exists()
+
+
+def test_weights_that_overflow_name_the_key(shards, tmp_path, capsys):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("datasets:\n" + "".join(
+        f"  - {{path: {shards[k]}, weight: 1.0e+308, tasks: [instance]}}\n"
+        for k in ("photos", "scenes")))
+    assert main(["train", "--mixture", str(mix), "--out", str(tmp_path / "o"), *TRAIN_FLAGS]) == 2
+    assert "mix.yaml: datasets[1].weight 1e+308 makes the sum of the weights overflow" in \
+        _one_line(capsys.readouterr().err)

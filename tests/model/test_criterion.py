@@ -88,7 +88,8 @@ def test_forward_total_is_weighted_sum_over_stages():
     total = sum(DEFAULT_WEIGHTS[k.removesuffix("_0").removesuffix("_interm")] * v
                 for k, v in losses.items() if k != "loss")
     assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-6)
-    assert sum(counts.values()) == 3  # every target is matched once on the final stage
+    matched = sum(v for k, v in counts.items() if not k.startswith("class/"))
+    assert matched == 3  # every target is matched once on the final stage
     assert counts["conditional/stuff"] + counts["learnable/stuff"] == 1
 
 
@@ -125,3 +126,35 @@ def test_bad_targets_raise():
     del targets[1]["is_thing"]
     with pytest.raises(ValueError, match="target 1 lacks"):
         SetCriterion(num_points=16)(outputs, targets)
+
+
+def test_class_diagnostics_match_numpy():
+    from model.criterion import class_diagnostics
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 4, generator=g)
+    logits[1, :, 3] = float("-inf")  # sample 1 has 3 texts, the 4th slot is padding
+    emb = torch.randn(3, 4, 8, generator=g)
+    targets = [{"texts": list("abcd"), "labels": torch.tensor([3, 0, 1])},
+               {"texts": list("abc"), "labels": torch.tensor([2])},
+               {"texts": ["foreground object"], "labels": torch.tensor([0])}]  # one text: skipped
+    indices = [(torch.tensor([4, 0, 2]), torch.tensor([0, 2, 1])),
+               (torch.tensor([1]), torch.tensor([0])), (torch.tensor([0]), torch.tensor([0]))]
+    got = class_diagnostics({"pred_logits": logits, "text_embed": emb}, targets, indices)
+    correct = total = 0
+    cos_sum, pairs = 0.0, 0
+    for b in (0, 1):
+        k = len(targets[b]["texts"])
+        src, tgt = (i.numpy() for i in indices[b])
+        predicted = logits[b].numpy()[src, :k].argmax(1)
+        correct += int((predicted == targets[b]["labels"].numpy()[tgt]).sum())
+        total += len(src)
+        e = emb[b, :k].numpy().astype(np.float64)
+        for i in range(k):
+            for j in range(k):
+                if i != j:
+                    cos_sum += e[i] @ e[j] / np.linalg.norm(e[i]) / np.linalg.norm(e[j])
+                    pairs += 1
+    assert (got["class/correct"], got["class/total"], got["class/cosine_n"]) == (
+        correct, total, pairs) == (got["class/correct"], 4, 18)
+    assert got["class/cosine_sum"] == pytest.approx(cos_sum, abs=1e-4)

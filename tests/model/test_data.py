@@ -52,6 +52,7 @@ def write_shards(
     (out / "images").mkdir(parents=True)
     (out / "objects").mkdir()
     root.mkdir(parents=True, exist_ok=True)
+    units = {}
     for part in range(0, n_images, per_part):
         image_rows, object_rows = [], []
         for k in range(part, min(part + per_part, n_images)):
@@ -83,9 +84,16 @@ def write_shards(
         name = f"part-{part // per_part:05d}.parquet"
         pq.write_table(table_from_rows("images", image_rows), out / "images" / name)
         pq.write_table(table_from_rows("objects", object_rows), out / "objects" / name)
+        units[f"{part // per_part:05d}"] = {
+            "images_file": f"images/{name}",
+            "objects_file": f"objects/{name}",
+            "counts": {"images": len(image_rows), "objects": len(object_rows)},
+        }
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "source": {"name": "test", "root": str(root)},
+        "units": units,
+        "totals": {k: sum(u["counts"][k] for u in units.values()) for k in ("images", "objects")},
         "extra": {"ignored": True},
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -327,3 +335,61 @@ def test_unpad_resize_inverts_the_geometry(shards):
     original = rect(4, 6, 20, 30)
     inter, union = (back[0] & original).sum(), (back[0] | original).sum()
     assert back.shape == (2, H, W) and inter / union > 0.95
+
+
+def _object_rows(shards_set) -> int:
+    return sum(len(rows) for part in shards_set.parts for rows in shards_set.objects(part).values())
+
+
+def test_stale_part_files_outside_the_manifest_are_not_read(tmp_path):
+    from model.data import ShardSet
+
+    run = write_shards(tmp_path / "run", tmp_path / "images", n_images=6, per_part=3)
+    # a part left by an older, larger run: in the folder, not in the manifest
+    old = write_shards(tmp_path / "old", tmp_path / "images", n_images=9, per_part=3, prefix="x")
+    for table in ("images", "objects"):
+        (old / table / "part-00002.parquet").rename(run / table / "part-00002.parquet")
+    totals = json.loads((run / "manifest.json").read_text())["totals"]
+    shards = ShardSet(run)
+    assert len(shards) == totals["images"] == 6
+    assert _object_rows(shards) == totals["objects"] == 30
+    assert {e.image_id for p in shards.parts for e in shards.images[p]} == {
+        f"img{k:03d}" for k in range(6)}
+    loader = loader_for(run, ["instance"], batch_size=12)
+    assert {t["image_id"] for t in next(iter(loader))["targets"]} <= {
+        f"img{k:03d}" for k in range(6)}
+    assert shards.vocabulary(keep_only=False) == ["cat", "dog", "sky"]
+
+
+def test_unreadable_runs_are_refused_naming_the_folder(tmp_path):
+    from model.data import ShardSet
+    from schemas.runs import RunError
+
+    run = write_shards(tmp_path / "run", tmp_path / "images")
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "schema_version": "9.9.9"}))
+    with pytest.raises(RunError, match=rf"{run}: written with schema version '9.9.9'"):
+        ShardSet(run)
+    with pytest.raises(RunError, match="9.9.9"):
+        list(iter_eval_samples(run, "instance", 64))
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "objects" / "part-00001.parquet").unlink()
+    with pytest.raises(RunError, match=r"unit 00001 lists objects file .*missing"):
+        loader_for(run, ["instance"])
+    (run / "manifest.json").unlink()
+    with pytest.raises(RunError, match="no manifest.json"):
+        ShardSet(run)
+
+
+def test_root_overrides_the_manifest_image_root(tmp_path):
+    run = write_shards(tmp_path / "run", tmp_path / "images")
+    moved = tmp_path / "mnt" / "images"
+    moved.parent.mkdir()
+    (tmp_path / "images").rename(moved)
+    with pytest.raises(FileNotFoundError, match=rf"{run}: image root .*images is not a folder"):
+        loader_for(run, ["instance"])
+    batch = next(iter(MixtureLoader(
+        mixture({"path": str(run), "tasks": ["instance"], "root": str(moved)}), image_size=64)))
+    assert batch["images"].shape == (2, 3, 64, 64)
+    sample = next(iter_eval_samples(run, "instance", 64, root=moved))
+    assert sample["gt"]["image_id"] == "img000"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.mixture import load_mixture
+from model.mixture import load_mixture, sampling_probs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,3 +99,53 @@ def test_example_mix_yaml_is_valid(tmp_path):
         shard_dir(tmp_path / path)
     mix = load_mixture(REPO / "examples" / "mix.yaml", base_dir=tmp_path)
     assert len(mix.datasets) == len(doc["datasets"])
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (["1.0e+308", "1.0e+308"], "mix.yaml: datasets[1].weight 1e+308 makes the sum of the "
+                                   "weights overflow"),
+        (["1e308", "1e308"], "mix.yaml: datasets[1].weight 1e+308 makes the sum"),  # YAML text
+        ([".inf", "1"], "mix.yaml: datasets[0].weight must be a number, got inf"),
+        (["1", ".nan"], "mix.yaml: datasets[1].weight must be a number, got nan"),
+        (["-2", "1"], "mix.yaml: datasets[0].weight must be > 0, got -2"),
+        (["0", "0"], "mix.yaml: datasets[0].weight must be > 0, got 0"),
+        (["1.0e+300", "1.0e-300"], "mix.yaml: datasets[1].weight 1e-300 is so small next to the "
+                                   "others that this dataset would never be drawn"),
+    ],
+)
+def test_weights_that_break_sampling_name_the_key(tmp_path, weights, message):
+    shard_dir(tmp_path / "a")
+    lines = "".join(f"  - {{path: {tmp_path / 'a'}, tasks: [instance], weight: {w}}}\n"
+                    for w in weights)
+    path = tmp_path / "mix.yaml"
+    path.write_text(f"datasets:\n{lines}")
+    with pytest.raises(ValueError) as err:
+        load_mixture(path)
+    assert message in str(err.value)
+
+
+def test_numbers_yaml_reads_as_text_are_weights(tmp_path):
+    shard_dir(tmp_path / "a")
+    path = tmp_path / "mix.yaml"
+    path.write_text(f"datasets:\n  - {{path: {tmp_path / 'a'}, tasks: [instance], weight: 1e-3}}\n"
+                    f"  - {{path: {tmp_path / 'a'}, tasks: [instance], weight: 3e-3}}\n")
+    probs = sampling_probs(load_mixture(path))
+    assert probs.tolist() == pytest.approx([0.25, 0.75])
+
+
+def test_root_key_is_resolved_and_checked(tmp_path):
+    shard_dir(tmp_path / "a")
+    (tmp_path / "moved").mkdir()
+    doc = {"datasets": [{"path": "a", "tasks": ["instance"], "root": "moved"}]}
+    mix = load_mixture(write(tmp_path, doc), base_dir=tmp_path)
+    assert mix.datasets[0].root == (tmp_path / "moved").resolve()
+    assert load_mixture(write(tmp_path, {"datasets": [{"path": "a", "tasks": ["instance"]}]}),
+                        base_dir=tmp_path).datasets[0].root is None
+    doc["datasets"][0]["root"] = "gone"
+    with pytest.raises(FileNotFoundError, match=r"mix.yaml: datasets\[0\].root .*gone is not a"):
+        load_mixture(write(tmp_path, doc), base_dir=tmp_path)
+    doc["datasets"][0]["root"] = 3
+    with pytest.raises(ValueError, match=r"datasets\[0\].root must be a folder path string"):
+        load_mixture(write(tmp_path, doc), base_dir=tmp_path)

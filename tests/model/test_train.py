@@ -159,3 +159,126 @@ def test_ddp_gloo_two_ranks(tmp_path):
         torch.testing.assert_close(value, r1["final"][name], rtol=0, atol=1e-6, msg=name)
     moved = [n for n, v in r0["final"].items() if not torch.equal(v, r0["initial"][n])]
     assert len(moved) > 10  # the steps really changed the weights
+
+
+def _steps(out_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(out_dir) / "metrics.jsonl").open()]
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # checkpoint at step 2, steps 1-3 logged, then killed
+        train(_config(tmp_path), FakeLoader(stop_after=3))
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # killed mid-write
+    train(_config(tmp_path, resume=True), FakeLoader())
+    assert _steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_fresh_run_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # steps 1-2 logged, no checkpoint yet (interval 4)
+        train(_config(tmp_path, ckpt_interval=4), FakeLoader(stop_after=2))
+    assert not (tmp_path / "ckpt.pt").exists() and _steps(tmp_path) == [1, 2]
+    train(_config(tmp_path, ckpt_interval=4), FakeLoader())
+    assert _steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_every_checkpoint_has_a_matching_sidecar(tmp_path):
+    import hashlib
+
+    path = train(_config(tmp_path, max_iters=2), FakeLoader())
+    digest = (tmp_path / "ckpt.pt.sha256").read_text().split()[0]
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"ckpt.pt: checksum mismatch"):
+        train(_config(tmp_path, max_iters=2, resume=True), FakeLoader())
+
+
+def _backbone_lrs(config) -> set[float]:
+    from model.build import build_mqformer
+    from model.train import param_groups
+
+    model = build_mqformer("tiny", text_encoder="hashed")
+    ids = {id(p) for p in model.backbone.parameters()}
+    return {g["lr"] for g in param_groups(model, config) if any(id(p) in ids for p in g["params"])}
+
+
+def test_backbone_lr_is_full_for_random_init_and_a_tenth_for_pretrained(tmp_path):
+    assert _backbone_lrs(_config(tmp_path, lr=1e-3)) == {1e-3}
+    pretrained = _config(tmp_path, lr=1e-3, backbone_checkpoint=str(tmp_path / "bb.pth"))
+    assert pretrained.backbone_lr_mult == 0.1
+    assert _backbone_lrs(pretrained) == {1e-3 * 0.1}
+    assert _backbone_lrs(_config(tmp_path, lr=1e-3, backbone_lr_mult=0.5)) == {1e-3 * 0.5}
+
+
+def _zero_layer_scale_effect(model, images) -> float:
+    """Relative change of the C5 features when every block's layer scale is zeroed: ~0 means the
+    blocks do nothing (a dead backbone)."""
+    with torch.no_grad():
+        full = model.backbone(images)[-1]
+        scales = [p for n, p in model.backbone.named_parameters() if n.endswith("gamma")]
+        assert scales, "the tiny backbone has layer scales"
+        saved = [p.clone() for p in scales]
+        for p in scales:
+            p.zero_()
+        bare = model.backbone(images)[-1]
+        for p, s in zip(scales, saved, strict=True):
+            p.copy_(s)
+    return float((full - bare).norm() / full.norm())
+
+
+def test_backbone_blocks_contribute_and_train(tmp_path):
+    from model.build import build_mqformer
+
+    images = next(iter(FakeLoader()))["images"]
+    torch.manual_seed(0)
+    initial = build_mqformer("tiny", text_encoder="hashed")
+    # timm's default layer scale 1e-6 gave ~1e-6 here (measured 0.0008 even after 400 steps)
+    assert _zero_layer_scale_effect(initial, images) > 0.1
+    state = torch.load(train(_config(tmp_path, max_iters=4), FakeLoader()), weights_only=True)
+    start = initial.state_dict()
+    blocks = [k for k in start if k.startswith("backbone.") and ".blocks." in k
+              and k.endswith("weight")]
+    moved = [float((state["model"][k] - start[k]).abs().mean()) for k in blocks]
+    # AdamW moves a parameter by at most ~lr per step; the blocks moved at the full rate
+    assert float(np.median(moved)) > 0.5 * 1e-3
+
+
+def test_classifier_health_is_logged_and_the_temperature_moves(tmp_path):
+    torch.manual_seed(0)
+    train(_config(tmp_path, max_iters=6, warmup_iters=0), FakeLoader())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    for r in rows:
+        assert 0.0 <= r["class/accuracy"] <= 1.0
+        assert -1.0 <= r["class/text_cosine"] <= 1.0
+        assert r["class/logit_scale"] > 0 and np.isfinite(r["class/bias"])
+    # the two FakeLoader texts: the logged cosine is their projected embeddings' cosine
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    from model.build import build_mqformer
+
+    model = build_mqformer("tiny", text_encoder="hashed")
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        emb, _ = model.embed_texts([["a photo of a box.", "a photo of a bar."]],
+                                   torch.device("cpu"))
+    cos = float(torch.nn.functional.cosine_similarity(emb[0, 0], emb[0, 1], dim=0))
+    assert rows[-1]["class/logit_scale"] == pytest.approx(
+        float(state["model"]["heads.cls.logit_scale"].exp()))
+    assert abs(rows[-1]["class/text_cosine"] - cos) < 0.1  # logged before the last update
+    # AdamW moves a parameter by about lr per step at most, so at the head lr the scale's log could
+    # move ~sum(lr_t) in these steps (it moved 0.001 at x1); its own lr x10 must carry it further
+    config = _config(tmp_path, max_iters=6, warmup_iters=0)
+    head_budget = sum(config.lr * get_lr(i, config) for i in range(6))
+    moved = abs(np.log(rows[-1]["class/logit_scale"]) - np.log(1 / 0.07))
+    assert moved > head_budget
+
+
+def test_resume_with_another_optimizer_layout_is_one_error(tmp_path):
+    from model.checkpoint import save_checkpoint
+
+    path = train(_config(tmp_path, max_iters=2), FakeLoader())
+    state = torch.load(path, weights_only=True)
+    groups = state["optimizer"]["param_groups"]  # as an engine without the temperature group
+    state["optimizer"]["param_groups"] = groups[:-1]
+    save_checkpoint(path, state)
+    with pytest.raises(ValueError, match=r"ckpt.pt: its optimizer state does not fit"):
+        train(_config(tmp_path, max_iters=4, resume=True), FakeLoader())
