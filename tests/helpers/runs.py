@@ -19,10 +19,12 @@ DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "sources" / "demo_dat
 
 
 def synthesize_photos(root: Path, extra: list[str] | None = None) -> Path:
-    """A finished run in root/run: grabcut + template captions over the bundled demo photos as a
-    COCO source, plus bad records (a missing image, a NaN box, an unknown category id), so images
-    with only kept objects, with filtered ones and with rejected ones all occur."""
-    shutil.copytree(DEMO / "photos", root / "photos")
+    """A finished run in root/run over the dataset in root/data: grabcut + template captions over
+    the bundled demo photos as a COCO source, plus bad records (a missing image, a NaN box, an
+    unknown category id), so images with only kept objects, with filtered ones and with rejected
+    ones all occur."""
+    data = root / "data"  # beside the run, never around it (the engine refuses that)
+    shutil.copytree(DEMO / "photos", data / "photos")
     coco = json.loads((DEMO / "photos.json").read_text())
     coco["images"].append({"id": 901, "file_name": "photos/missing.jpg", "width": 64,
                            "height": 64})
@@ -33,21 +35,21 @@ def synthesize_photos(root: Path, extra: list[str] | None = None) -> Path:
         coco["annotations"].append({"id": next_id + k, "image_id": image_id, "iscrowd": 0,
                                     "category_id": category_id, "bbox": bbox, "area": 100})
     coco["categories"] = coco["categories"] or [{"id": 1, "name": "thing"}]
-    ann = root / "annotations.json"
+    ann = data / "annotations.json"
     ann.write_text(json.dumps(coco))
     out = root / "run"
-    argv = ["synthesize", "--source", "coco", "--annotations", str(ann), "--root", str(root)]
+    argv = ["synthesize", "--source", "coco", "--annotations", str(ann), "--root", str(data)]
     argv += ["--out", str(out), "--executor", "local", "--unit-size", "4", *(extra or [])]
     assert main(argv) == 0
     return out
 
 
 def synthesize_coco(root: Path, n_images: int = 12, extra: list[str] | None = None) -> Path:
-    """A finished run in root/run over write_coco(bad=True) (flat rectangles: GrabCut fails on
-    most of them, so most objects are filtered)."""
-    ann = write_coco(root, n_images=n_images, objects_per_image=3, bad=True)
+    """A finished run in root/run over write_coco(root/data, bad=True) (flat rectangles: GrabCut
+    fails on most of them, so most objects are filtered)."""
+    ann = write_coco(root / "data", n_images=n_images, objects_per_image=3, bad=True)
     out = root / "run"
-    argv = ["synthesize", "--source", "coco", "--annotations", str(ann), "--root", str(root)]
+    argv = ["synthesize", "--source", "coco", "--annotations", str(ann), "--root", str(ann.parent)]
     argv += ["--out", str(out), "--executor", "local", "--unit-size", "5", *(extra or [])]
     assert main(argv) == 0
     return out
