@@ -54,11 +54,14 @@ def _relative(path: str, run_dir: Path) -> str:
                                   ).as_posix()
 
 
+RESERVED_SPLITS = {"all"}  # datasets' keyword for the union of splits: not a split name
+
+
 def _split_name(split: str | None) -> str:
-    """datasets split names are word characters; anything else (e.g. 'all' is fine, 'val-2017'
-    is not) is made one."""
+    """datasets split names are word characters ('val-2017' is made 'val_2017'), and not one of
+    datasets' reserved words ('all', the demo's split, becomes 'train')."""
     name = re.sub(r"\W+", "_", split or "train").strip("_")
-    return name or "train"
+    return name if name and name not in RESERVED_SPLITS else "train"
 
 
 def _title(manifest: dict) -> str:

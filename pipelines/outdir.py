@@ -33,7 +33,8 @@ MARKER = ".mqengine-run"
 PLAN_DIR = "_plan"
 IMAGES_DIR = "_images"  # images a source had embedded (hf), written out for every reader
 # Files and folders of a run besides its parts; temporary files start with "." and hold ".tmp-".
-OWN_FILES = (MANIFEST, UNIT_LOG, LOCK, MARKER)
+CARD, STATS = "README.md", "stats.json"  # written at the end of a run (pipelines/card.py)
+OWN_FILES = (MANIFEST, UNIT_LOG, LOCK, MARKER, CARD, STATS)
 OWN_DIRS = (*TABLE_NAMES, PLAN_DIR, IMAGES_DIR)
 
 
@@ -131,12 +132,28 @@ def clear_run(out: Path, units: dict[str, dict]) -> int:
         if path.is_file():
             path.unlink()
             removed += 1
+    for path in (out / CARD, out / STATS):
+        if path.is_file() and _written_by_engine(path):
+            path.unlink()
+            removed += 1
     removed += len(remove_temp_files(out))
     for name in OWN_DIRS:
         folder = out / name
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     return removed
+
+
+def _written_by_engine(path: Path) -> bool:
+    """Whether the card or stats file at `path` is the one a run wrote (a README.md a person put
+    in the folder stays)."""
+    try:
+        head = path.read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+    if path.name == CARD:
+        return head.startswith("---\n") and "- mqengine" in head
+    return '"totals"' in head
 
 
 class OutputLock:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -404,13 +405,27 @@ def run(
             release_claim(out, created)
         raise
     try:
-        return _run_locked(cfg, on_unit, on_start)
+        started = time.monotonic()
+        summary = _run_locked(cfg, on_unit, on_start)
+        write_run_docs(out, time.monotonic() - started)
+        return summary
     except BaseException:
         remove_temp_files(out)  # ours: the lock is held
         release_claim(out, created)
         raise
     finally:
         lock.release()
+
+
+def write_run_docs(out: Path, wall_s: float) -> None:
+    """The run's dataset card (README.md with `datasets` configs) and stats.json, from what the
+    manifest lists (pipelines/card.py)."""
+    from pipelines.card import write_dataset_card, write_stats
+    from schemas.runs import read_manifest
+
+    manifest = read_manifest(out)
+    write_dataset_card(out, manifest)
+    write_stats(out, manifest, wall_s)
 
 
 def _run_locked(

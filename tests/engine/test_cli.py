@@ -59,6 +59,16 @@ def test_manifest_counts_match_the_shards(demo_run):
     assert fallbacks in ([], [("filtered", "mask_fallback")])
 
 
+def test_the_run_folder_loads_as_a_dataset_by_its_card(demo_run):
+    import datasets
+
+    totals = json.loads((demo_run / "manifest.json").read_text())["totals"]
+    objects = datasets.load_dataset(str(demo_run), "objects", cache_dir=str(demo_run.parent / "c"))
+    assert sum(len(split) for split in objects.values()) == totals["objects"]
+    stats = json.loads((demo_run / "stats.json").read_text())
+    assert stats["totals"]["objects"] == totals["objects"]
+
+
 def test_datasets_reads_the_shards(demo_run):
     import datasets
 
