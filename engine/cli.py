@@ -324,7 +324,13 @@ for _name, _fn in COMMANDS.items():
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `engine` script; returns the exit code (tests call it directly)."""
     try:
-        app(args=argv, standalone_mode=False, prog_name="engine")
+        # typer turns Ctrl-C (and SIGTERM, which the synthesize driver raises as Ctrl-C) into a
+        # returned 130 rather than an exception.
+        if app(args=argv, standalone_mode=False, prog_name="engine") == 130:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        console.print("interrupted; the same command resumes the run")
+        return 130
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
