@@ -5,8 +5,15 @@ dashboard: neither RAY_ADDRESS nor the `ray_current_cluster` file that a `ray st
 behind (it stays when the head dies) is honoured, so a plain run never joins or waits on a cluster
 it was not told about. `ray_address` joins a cluster (whose nodes must have this package installed,
 e.g. the image in docker/); `auto` means the one running on this machine. The GCS port is probed
-first and the connect makes one attempt only, so a cluster that does not answer is one error within
-seconds (Ray itself retries a dead address for ~14 minutes).
+first (a closed port or a dead host is an error in at most 5 s) and the connect makes one attempt
+only (a port that accepts but never answers: 42 s measured), where Ray itself retries a dead
+address for ~14 minutes. The joined cluster is logged with its CPUs and GPUs.
+
+Stopping: SIGTERM is raised as KeyboardInterrupt in the driver (sigterm_as_interrupt), so Ctrl-C and
+`kill` both shut Ray down in a finally and leave no raylet, gcs_server or worker behind. After a
+SIGKILL of the driver Ray's reaper kills gcs_server and raylet at once and the workers exit within
+~3 s, but the node's DashboardAgent and RuntimeEnvAgent outlive it by ~1-2 minutes (measured here);
+nothing in the driver can run after SIGKILL to stop them sooner.
 
 Workers share all CPUs but one, which stays for the driver's writes and Ray's own processes (on a
 2-core box a pool that claims every CPU also deadlocks Ray Data pipelines: ENV.md). On a cluster

@@ -111,6 +111,44 @@ def test_a_ray_address_that_does_not_answer_is_one_error_line_within_60s(
     assert "Traceback" not in output
 
 
+HEAD_SCRIPT = """
+import os, sys, time
+os.environ["RAY_AUTH_MODE"] = "disabled"
+import ray
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+time.sleep(300)
+"""
+
+
+def test_joins_only_a_named_cluster_and_says_so(dataset, tmp_path, ray_tmp):
+    with tempfile.TemporaryDirectory(prefix="rh", dir="/tmp") as head_tmp:
+        head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT], cwd=ROOT,
+                                env=env(Path(head_tmp)), stdout=subprocess.PIPE, text=True)
+        try:
+            address = head.stdout.readline().strip()
+            assert address, "the test's Ray head did not start"
+            # A live cluster in RAY_ADDRESS is not joined by a plain run ...
+            plain = subprocess.run(cli(dataset, tmp_path / "plain", "--masker", "box",
+                                       "--executor", "ray", "--workers", "1"),
+                                   cwd=ROOT, env=env(ray_tmp, RAY_ADDRESS=address),
+                                   capture_output=True, text=True, timeout=120)
+            assert plain.returncode == 0, plain.stdout + plain.stderr
+            assert "joined Ray cluster" not in plain.stderr
+            # ... only one named by --ray-address, which the run reports with its resources.
+            joined = subprocess.run(cli(dataset, tmp_path / "joined", "--masker", "box",
+                                        "--ray-address", address, "--workers", "1"),
+                                    cwd=ROOT, env=env(ray_tmp), capture_output=True, text=True,
+                                    timeout=120)
+            assert joined.returncode == 0, joined.stdout + joined.stderr
+            assert "joined Ray cluster at " in joined.stderr and "(2 CPUs, 0 GPUs)" in joined.stderr
+        finally:
+            head.terminate()  # Ray's SIGTERM handler exits, its atexit hook shuts the head down
+            head.wait(timeout=60)
+    for table in ("images", "objects"):
+        assert read_rows(tmp_path / "plain", table) == read_rows(tmp_path / "joined", table)
+
+
 def driver_tree(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
