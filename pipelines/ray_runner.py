@@ -12,8 +12,8 @@ address for ~14 minutes. The joined cluster is logged with its CPUs and GPUs.
 Stopping: SIGTERM is raised as KeyboardInterrupt in the driver (sigterm_as_interrupt), so Ctrl-C and
 `kill` both shut Ray down in a finally and leave no raylet, gcs_server or worker behind. After a
 SIGKILL of the driver Ray's reaper kills gcs_server and raylet at once and the workers exit within
-~3 s, but the node's DashboardAgent and RuntimeEnvAgent outlive it by ~1-2 minutes (measured here);
-nothing in the driver can run after SIGKILL to stop them sooner.
+1 s, but the node's DashboardAgent and RuntimeEnvAgent live on for 60 s (measured here: they time
+out on the dead raylet); nothing in the driver runs after a SIGKILL to stop them sooner.
 
 Workers share all CPUs but one, which stays for the driver's writes and Ray's own processes (on a
 2-core box a pool that claims every CPU also deadlocks Ray Data pipelines: ENV.md). On a cluster
@@ -41,6 +41,7 @@ from pipelines.maskers import MaskerConfig
 from pipelines.stages import UnitWorker, WorkerSpec
 
 MAX_RETRIES = 3
+STALL_WARNING_S = 60.0  # say so while no worker has finished its first unit
 PROBE_TIMEOUT_S = 5.0  # TCP connect to a cluster's GCS port: answers in ms when it is up
 # Images per Ray worker below which `--executor auto` runs in-process. Ray's fixed cost here is
 # ~5 s (start 3.5 s, actors 0.7 s, shutdown 1.4 s on this 2-core box) against a per-image saving of
@@ -257,12 +258,18 @@ class RayPool:
         spec_ref = ray.put(spec)
         queue = list(reversed(pending))
         running: dict = {}
-        t0, first = time.monotonic(), True
+        t0, first, waited = time.monotonic(), True, 0.0
         while queue or running:
             while idle and queue:
                 actor = idle.pop()
                 running[actor.run_unit.remote(spec_ref, queue.pop())] = actor
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if first and not ready and time.monotonic() - t0 > waited + STALL_WARNING_S:
+                waited += STALL_WARNING_S
+                log.warning(
+                    "no unit back after %.0f s: workers still loading models, or the cluster has "
+                    "no room for them (free: %s)", waited, ray.available_resources(),
+                )
             for ref in ready:
                 idle.append(running.pop(ref))
                 result = ray.get(ref)

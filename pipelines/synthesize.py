@@ -286,9 +286,9 @@ def run(
                     on_unit(entry)
             log.info("phase: %d units in %.2f s (%s)", len(pending), time.monotonic() - t2,
                      executor)
-    cleanup.close()  # also when nothing was pending
     manifest.data["totals"] = manifest.totals()
     manifest.save()
+    cleanup.close()  # also when nothing was pending
     return RunSummary(
         cfg.out,
         manifest.data["run_id"],

@@ -16,3 +16,9 @@ class SlowBox(BoxMasker):
 
 def build(cfg) -> SlowBox:
     return SlowBox()
+
+
+def build_slowly(cfg) -> SlowBox:
+    """A masker whose loading takes 3 s, as a model checkpoint's would."""
+    time.sleep(3)
+    return SlowBox()

@@ -219,6 +219,18 @@ def test_auto_runs_a_small_job_in_process_and_says_so(dataset, tmp_path, caplog)
     assert local.totals == summary.totals
 
 
+def test_a_run_waiting_on_its_workers_says_so(dataset, tmp_path, caplog, monkeypatch):
+    import pipelines.ray_runner as ray_runner
+
+    monkeypatch.setattr(ray_runner, "STALL_WARNING_S", 1.0)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray workers import the test masker
+    with caplog.at_level(logging.WARNING, logger="pipelines.ray_runner"):
+        summary = run(config(dataset, tmp_path / "out", executor="ray", workers=1, limit=3,
+                             masker=MaskerConfig(name="tests.helpers.slow_box:build_slowly")))
+    assert summary.units_written == 1
+    assert "no unit back after 1 s: workers still loading models" in caplog.text
+
+
 def test_auto_threshold_and_a_named_cluster():
     n = AUTO_MIN_IMAGES_PER_WORKER * 2
     assert choose_executor(n - 1, 2, None)[0] == "local"
