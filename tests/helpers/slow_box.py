@@ -3,6 +3,7 @@ that a signal can arrive mid-run. Importable by Ray workers as `tests.helpers.sl
 
 from __future__ import annotations
 
+import os
 import time
 
 from pipelines.maskers.box import BoxMasker
@@ -19,6 +20,9 @@ def build(cfg) -> SlowBox:
 
 
 def build_slowly(cfg) -> SlowBox:
-    """A masker whose loading takes 3 s, as a model checkpoint's would."""
+    """A masker whose loading takes 3 s, as a model checkpoint's would; each build appends its
+    process id to the file named by MQENGINE_BUILD_LOG."""
+    with open(os.environ["MQENGINE_BUILD_LOG"], "a") as log:
+        log.write(f"{os.getpid()}\n")
     time.sleep(3)
     return SlowBox()

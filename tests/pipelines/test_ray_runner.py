@@ -219,15 +219,22 @@ def test_auto_runs_a_small_job_in_process_and_says_so(dataset, tmp_path, caplog)
     assert local.totals == summary.totals
 
 
-def test_a_run_waiting_on_its_workers_says_so(dataset, tmp_path, caplog, monkeypatch):
+def test_workers_build_their_models_once_and_a_wait_on_them_is_reported(
+    dataset, tmp_path, caplog, monkeypatch
+):
     import pipelines.ray_runner as ray_runner
 
+    builds = tmp_path / "builds"
     monkeypatch.setattr(ray_runner, "STALL_WARNING_S", 1.0)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray workers import the test masker
+    monkeypatch.setenv("MQENGINE_BUILD_LOG", str(builds))
     with caplog.at_level(logging.WARNING, logger="pipelines.ray_runner"):
-        summary = run(config(dataset, tmp_path / "out", executor="ray", workers=1, limit=3,
+        summary = run(config(dataset, tmp_path / "out", executor="ray", workers=2, limit=12,
                              masker=MaskerConfig(name="tests.helpers.slow_box:build_slowly")))
-    assert summary.units_written == 1
+    assert summary.units_written == 4
+    # One build in the driver (the up-front check) and one per worker, for 4 units on 2 workers.
+    pids = builds.read_text().split()
+    assert len(pids) == len(set(pids)) == 3 and str(os.getpid()) in pids
     assert "no unit back after 1 s: workers still loading models" in caplog.text
 
 
