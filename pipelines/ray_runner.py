@@ -43,10 +43,12 @@ from pipelines.stages import UnitWorker, WorkerSpec
 MAX_RETRIES = 3
 STALL_WARNING_S = 60.0  # say so while no worker has finished its first unit
 PROBE_TIMEOUT_S = 5.0  # TCP connect to a cluster's GCS port: answers in ms when it is up
-# Images per Ray worker below which `--executor auto` runs in-process. Ray's fixed cost here is
-# ~5 s (start 3.5 s, actors 0.7 s, shutdown 1.4 s on this 2-core box) against a per-image saving of
-# ~0.05 s for grabcut + template at 320x240 (bench/pipeline_throughput.py): the break-even is ~100
-# images for 2 workers, so fewer than 64 per worker never pays for Ray.
+# Images per Ray worker below which `--executor auto` runs in-process. Measured on this 2-core box
+# (bench/pipeline_throughput.py, cost part): a Ray run costs 3.6-4.5 s more wall time than an
+# in-process one when the box is quiet (Ray start 2.3 s, first unit 0.9 s, shutdown 1.1 s; 8-13 s
+# under load), while grabcut + template costs ~110 ms of CPU per 320x240 image, of which 2 workers
+# save at most half: break-even at ~80 images, more under load. So fewer than 64 per worker (128 on
+# 2 workers) runs in-process.
 AUTO_MIN_IMAGES_PER_WORKER = 64
 
 log = logging.getLogger(__name__)
