@@ -226,7 +226,13 @@ def _options(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `engine` script; returns the exit code (tests call it directly)."""
     try:
-        app(args=argv, standalone_mode=False, prog_name="engine")
+        # typer turns Ctrl-C (and SIGTERM, which the synthesize driver raises as Ctrl-C) into a
+        # returned 130 rather than an exception.
+        if app(args=argv, standalone_mode=False, prog_name="engine") == 130:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        console.print("interrupted; the same command resumes the run")
+        return 130
     except CLICK_EXIT as exc:
         return exc.exit_code
     except CLICK_HELP as exc:  # bare `engine` or a bare group: the help, as click prints it

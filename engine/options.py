@@ -122,7 +122,8 @@ SYNTHESIZE_FLAGS = (
          "inputs still give every worker units (64 from 1,024 images up)."),
     Flag("workers", ("run",), EXECUTION, "Parallel workers; 0 = one per CPU or GPU."),
     Flag("executor", ("run",), EXECUTION,
-         f"{_names(EXECUTORS)}: Ray workers, or one process without Ray."),
+         f"{_names(EXECUTORS)}: auto runs jobs too small for the Ray pool in-process (saying so) "
+         "and the rest on Ray workers; ray forces Ray; local is one process without Ray."),
     Flag("ray_address", ("run",), EXECUTION,
          "Join this Ray cluster instead of starting a local one."),
     Flag("overwrite", ("run",), EXECUTION,

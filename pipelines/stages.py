@@ -27,30 +27,35 @@ class WorkerSpec:
     context: UnitContext
     masker: MaskerConfig
     captioner: CaptionerConfig
-    threads: int = 1
 
 
 class UnitWorker:
     """Holds the models of one worker. `masker`/`captioner` may be passed in already built (the
-    local executor reuses the driver's); otherwise they are built from the spec here, once."""
+    local executor reuses the driver's); otherwise they are built from their configs here, once.
+    The unit's context comes with each call, so a Ray actor can start (and load its models) before
+    the driver has planned the run."""
 
     def __init__(
-        self, spec: WorkerSpec, masker: Masker | None = None, captioner: Captioner | None = None
+        self,
+        masker_cfg: MaskerConfig,
+        captioner_cfg: CaptionerConfig,
+        threads: int = 1,
+        masker: Masker | None = None,
+        captioner: Captioner | None = None,
     ):
         import cv2
 
         # Each worker is one process on a shared machine: more threads per worker only
         # oversubscribe.
-        cv2.setNumThreads(spec.threads)
-        self.spec = spec
-        self.masker = masker if masker is not None else build_masker(spec.masker)
-        self.captioner = captioner if captioner is not None else build_captioner(spec.captioner)
+        cv2.setNumThreads(threads)
+        self.masker = masker if masker is not None else build_masker(masker_cfg)
+        self.captioner = captioner if captioner is not None else build_captioner(captioner_cfg)
 
-    def run(self, unit: int) -> tuple[pa.Table, pa.Table]:
-        records = read_unit(self.spec.plan_path, unit)
-        images, objects = process_unit(self.spec.context, records, self.masker, self.captioner)
+    def run(self, spec: WorkerSpec, unit: int) -> tuple[pa.Table, pa.Table]:
+        records = read_unit(spec.plan_path, unit)
+        images, objects = process_unit(spec.context, records, self.masker, self.captioner)
         return table_from_rows("images", images), table_from_rows("objects", objects)
 
-    def run_unit(self, unit: int) -> tuple[int, pa.Table, pa.Table]:
+    def run_unit(self, spec: WorkerSpec, unit: int) -> tuple[int, pa.Table, pa.Table]:
         """The Ray entry point: the unit number travels back with its tables."""
-        return (unit, *self.run(unit))
+        return (unit, *self.run(spec, unit))

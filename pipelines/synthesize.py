@@ -43,7 +43,7 @@ from pipelines.sources import SOURCES, SourceConfig, open_source
 from pipelines.stages import UnitWorker, WorkerSpec
 
 log = logging.getLogger(__name__)
-EXECUTORS = ("ray", "local")
+EXECUTORS = ("auto", "ray", "local")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SynthesizeConfig:
     unit_size: int | None = None  # None: chosen from the input size (auto_unit_size)
     limit: int | None = None
     remask: bool = False
-    executor: str = "ray"
+    executor: str = "auto"  # auto: in-process when too small for the Ray pool (ray_runner)
     workers: int = 0  # 0: one per CPU (leaving one for Ray's own tasks) or one per GPU
     ray_address: str | None = None
     overwrite: bool = False
@@ -374,10 +374,9 @@ def preflight(cfg: SynthesizeConfig) -> tuple[Masker, Captioner]:
 
 
 def run_local(spec: WorkerSpec, pending: list[int], models: tuple) -> Iterator[Result]:
-    spec.threads = max(1, os.cpu_count() or 1)
-    worker = UnitWorker(spec, *models)
+    worker = UnitWorker(spec.masker, spec.captioner, max(1, os.cpu_count() or 1), *models)
     for unit in pending:
-        yield (unit, *worker.run(unit))
+        yield (unit, *worker.run(spec, unit))
 
 
 def run(
@@ -433,27 +432,69 @@ def _run_locked(
     on_unit: Callable[[dict], None] | None = None,
     on_start: Callable[..., None] | None = None,
 ) -> RunSummary:
-    models = preflight(cfg)
-    manifest, spec, pending = prepare(cfg)
+    """The run itself, under the lock (see `run`).
+
+    SIGTERM raises KeyboardInterrupt here as Ctrl-C does; either way Ray is shut down before this
+    returns and the units recorded so far stay, so the same command resumes."""
+    import contextlib
+    import time
+
+    from pipelines.ray_runner import RayPool, choose_executor, sigterm_as_interrupt, starts_early
+
+    t0 = time.monotonic()
+    cleanup = contextlib.ExitStack()  # restores SIGTERM and shuts Ray down however run() ends
+    cleanup.enter_context(sigterm_as_interrupt())
+    pool = None
+    try:
+        models = preflight(cfg)
+        log.info("phase: models checked in %.2f s", time.monotonic() - t0)
+        if starts_early(cfg.executor, cfg.ray_address):
+            # Ray and the actors start now, so the actors build their models while we plan.
+            pool = cleanup.enter_context(
+                RayPool(cfg.masker, cfg.captioner, cfg.workers, cfg.ray_address)
+            )
+        t1 = time.monotonic()
+        manifest, spec, pending = prepare(cfg)
+        log.info("phase: planned in %.2f s", time.monotonic() - t1)
+    except BaseException:
+        cleanup.close()
+        raise
     total = manifest.data["plan"]["units"]
     skipped = total - len(pending)
     if on_start:
         on_start(total, skipped, manifest.data["plan"]["images"], manifest.totals()["images"])
     if pending:
-        if cfg.executor == "local":
-            results = run_local(spec, pending, models)
-        else:
-            from pipelines.ray_runner import run_ray
-
-            del models  # workers load their own copies
-            results = run_ray(spec, pending, cfg.workers, cfg.ray_address)
-        for unit, images, objects in results:
-            entry = write_unit(cfg.out, unit, images, objects, root=spec.context.root)
-            manifest.record_unit(unit, entry)
-            if on_unit:
-                on_unit(entry)
+        with cleanup:
+            executor = cfg.executor
+            if executor == "auto":
+                planned = manifest.data["plan"]["images"]
+                size = manifest.data["plan"].get("unit_size") or cfg.unit_size or planned
+                n_images = sum(min(size, planned - k * size) for k in pending)
+                executor, why = choose_executor(n_images, cfg.workers, cfg.ray_address)
+                if executor == "local":
+                    log.warning(why)  # shown by the CLI: says how to force Ray
+                else:
+                    log.info(why)
+            if executor == "local":
+                results = run_local(spec, pending, models)
+            else:
+                del models  # workers load their own copies
+                if pool is None:
+                    pool = cleanup.enter_context(
+                        RayPool(cfg.masker, cfg.captioner, cfg.workers, cfg.ray_address)
+                    )
+                results = pool.results(spec, pending)
+            t2 = time.monotonic()
+            for unit, images, objects in results:
+                entry = write_unit(cfg.out, unit, images, objects, root=spec.context.root)
+                manifest.record_unit(unit, entry)
+                if on_unit:
+                    on_unit(entry)
+            log.info("phase: %d units in %.2f s (%s)", len(pending), time.monotonic() - t2,
+                     executor)
     manifest.data["totals"] = manifest.totals()
     manifest.save()
+    cleanup.close()  # also when nothing was pending
     return RunSummary(
         cfg.out,
         manifest.data["run_id"],
