@@ -218,6 +218,7 @@ COMMANDS = {
     "show": show,
     "train": train_command,
     "eval": eval_command,
+    "predict": importlib.import_module("engine.predict_commands").predict_command,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
