@@ -184,9 +184,11 @@ class Writer:
     """Writes one image's predictions as they come, and the run-level files at the end."""
 
     def __init__(self, out: Path, task: str, names: list[str], is_thing: list[bool],
-                 score_threshold: float, matting_method: str):
+                 score_threshold: float, matting_method: str, alpha_dir: Path | None = None):
         self.out, self.task, self.names, self.is_thing = out, task, names, is_thing
         self.threshold, self.matting_method = score_threshold, matting_method
+        self.alpha_dir = alpha_dir
+        self.alpha_scores: list[dict] = []
         self.images: list[dict] = []
         self.results: list[dict] = []
         self.panoptic: list[dict] = []
@@ -241,7 +243,22 @@ class Writer:
     def _foreground(self, sample: dict, pred: dict, name: str) -> np.ndarray:
         alpha = np.round(pred["prob"] * 255).astype(np.uint8)
         _write_png(self.out / "alpha" / f"{name}.png", alpha, rgb=False)
+        self._score_alpha(sample, pred["prob"], pred["prob"] >= 0.5)
         return _alpha_overlay(sample["pixels"], pred["prob"])
+
+    def _score_alpha(self, sample: dict, alpha: np.ndarray, mask: np.ndarray) -> None:
+        """With --alpha: MSE / SAD of the alpha and of the binary mask against the GT alpha."""
+        if self.alpha_dir is None:
+            return
+        from pipelines.matting import mse, sad
+        from pipelines.sources.matting import check_alpha_size, read_alpha
+
+        path = alpha_file(self.alpha_dir, sample["file"])
+        gt = read_alpha(path)
+        check_alpha_size(gt, sample["pixels"], path, sample["file"])
+        self.alpha_scores.append({"file": sample["file"].name,
+                                  "alpha_mse": mse(alpha, gt), "alpha_sad": sad(alpha, gt),
+                                  "mask_mse": mse(mask, gt), "mask_sad": sad(mask, gt)})
 
     def _matting(self, sample: dict, pred: dict, name: str) -> np.ndarray:
         from pipelines.matting import refine
@@ -254,6 +271,7 @@ class Writer:
         self.mattes.append({"image_id": sample["image_id"], "file": sample["file"].name,
                             "prompt": self.names[0], "score": float(pred["scores"][0]),
                             "method": matte.method, "band": matte.band})
+        self._score_alpha(sample, matte.alpha, mask)
         return _alpha_overlay(sample["pixels"], matte.alpha)
 
     def finish(self) -> list[Path]:
@@ -273,7 +291,33 @@ class Writer:
         if self.task == "matting":
             written.append(self.out / "matting.json")
             _write_json(written[-1], self.mattes)
+        if self.alpha_scores:
+            written.append(self.out / "alpha_eval.json")
+            _write_json(written[-1], {"mean": self.alpha_means(), "images": self.alpha_scores})
         return written
+
+    def alpha_means(self) -> dict:
+        """Means over images of the --alpha scores (alpha vs mask, MSE and SAD)."""
+        keys = ("alpha_mse", "mask_mse", "alpha_sad", "mask_sad")
+        return {k: float(np.mean([r[k] for r in self.alpha_scores])) for k in keys}
+
+
+def alpha_file(alpha_dir: Path, image: Path) -> Path:
+    """The GT alpha of an image: <alpha_dir>/<image stem>.png (the matting folder layout)."""
+    return alpha_dir / f"{image.stem}.png"
+
+
+def _check_alpha_dir(alpha_dir: Path | None, task: str, files: list[Path]) -> None:
+    if alpha_dir is None:
+        return
+    if task not in ("matting", "foreground"):
+        raise ValueError(f"--alpha applies to --task matting or foreground, not {task}")
+    if not alpha_dir.is_dir():
+        raise FileNotFoundError(f"--alpha {alpha_dir} is not a folder")
+    missing = [f for f in files if not alpha_file(alpha_dir, f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--alpha: {missing[0]} has no alpha "
+                                f"{alpha_file(alpha_dir, missing[0])} ({len(missing)} missing)")
 
 
 # ------------------------------------------------------------------------------------ command
@@ -298,6 +342,8 @@ def predict_command(
     score_threshold: Annotated[float, typer.Option(
         help="Overlays draw results scoring at least this (results.json keeps all).")] = 0.5,
     matting_method: Annotated[str, typer.Option(help="Matting solver: cf, knn or lkm.")] = "cf",
+    alpha: Annotated[Path | None, typer.Option(
+        help="Matting/foreground: folder of GT alphas NAME.png; scores alpha vs mask.")] = None,
 ) -> None:
     """Run a trained MQ-Former on images: overlays plus COCO results, label maps or alphas."""
     from model.predict import to_original
@@ -311,13 +357,14 @@ def predict_command(
         raise ValueError(f"--matting-method {matting_method!r} is not valid; choose one of: "
                          f"{', '.join(METHODS)}")
     files = image_files(images)
+    _check_alpha_dir(alpha, task, files)
     state = load_checkpoint(checkpoint)
     size = image_size or state["config"].get("data", {}).get("image_size", 512)
     if size < 64 or size % 32:
         raise ValueError(f"--image-size must be a multiple of 32 and >= 64, got {size}")
     resolved = resolve_device(device)
     model = _model(state, resolved)
-    writer = Writer(out, task, names, is_thing, score_threshold, matting_method)
+    writer = Writer(out, task, names, is_thing, score_threshold, matting_method, alpha)
     failed: list[dict] = []
     start = time.perf_counter()
     with _progress(len(files)) as (progress, bar):
@@ -337,13 +384,19 @@ def predict_command(
                "texts": texts, "image_size": size, "device": str(resolved),
                "images": len(writer.images), "seconds": seconds,
                "images_per_s": len(writer.images) / seconds if seconds else None,
-               "failed": failed}
+               "failed": failed,
+               **({"alpha_eval": writer.alpha_means()} if writer.alpha_scores else {})}
     _write_json(out / "summary.json", summary)
     for f in failed:
         console.print(f"skipped {f['file']}: {f['reason']}", highlight=False, soft_wrap=True)
     console.print(f"{len(writer.images)} images in {seconds:.1f} s; wrote {out}/overlay/, "
                   + ", ".join(str(p.name) for p in [*written, out / "summary.json"]),
                   highlight=False, soft_wrap=True)
+    if writer.alpha_scores:
+        means = writer.alpha_means()
+        console.print(f"vs --alpha on {len(writer.alpha_scores)} images: alpha MSE "
+                      f"{means['alpha_mse']:.5f} SAD {means['alpha_sad']:.3f}, mask MSE "
+                      f"{means['mask_mse']:.5f} SAD {means['mask_sad']:.3f}", highlight=False)
 
 
 def _texts(task: str, prompt: list[str] | None, classes: str | None,

@@ -56,6 +56,11 @@ def _decode(path: Path, mode: str) -> np.ndarray:
         raise ValueError(f"cannot decode {path}: {exc}") from None
 
 
+def read_alpha(path: Path) -> np.ndarray:
+    """An 8-bit alpha file -> (H, W) float32 in [0, 1]; ValueError naming an unreadable file."""
+    return _decode(Path(path), "L").astype(np.float32) / 255.0
+
+
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
@@ -87,11 +92,17 @@ def read_matting_folder(root: str | Path, image_dir: str = "image",
         if stem not in by_stem:
             raise FileNotFoundError(f"{alpha_path} has no image {stem}.* in {images}")
         image = _decode(by_stem[stem], "RGB")
-        alpha = _decode(alpha_path, "L")
-        if alpha.shape != image.shape[:2]:
-            raise ValueError(f"{alpha_path} is {alpha.shape[1]}x{alpha.shape[0]} but "
-                             f"{by_stem[stem]} is {image.shape[1]}x{image.shape[0]}")
-        yield MattingSample(stem, image, alpha.astype(np.float32) / 255.0)
+        alpha = read_alpha(alpha_path)
+        check_alpha_size(alpha, image, alpha_path, by_stem[stem])
+        yield MattingSample(stem, image, alpha)
+
+
+def check_alpha_size(alpha: np.ndarray, image: np.ndarray, alpha_path: Path,
+                     image_path: Path) -> None:
+    """ValueError naming both files when an alpha is not the size of its image."""
+    if alpha.shape != image.shape[:2]:
+        raise ValueError(f"{alpha_path} is {alpha.shape[1]}x{alpha.shape[0]} but "
+                         f"{image_path} is {image.shape[1]}x{image.shape[0]}")
 
 
 # --------------------------------------------------------------------------- generated scenes

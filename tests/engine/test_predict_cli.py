@@ -18,6 +18,7 @@ from model.data import ShardSet, iter_eval_samples
 from model.inference import Evaluator, dataset_categories, load_model, run_model
 from pipelines.matting import make_trimap
 from pipelines.sources.demo import DEMO_DIR, scenes_gt_file
+from pipelines.sources.matting import write_soft_scenes
 
 TRAIN_FLAGS = ["--model", "tiny", "--text-encoder", "hashed", "--image-size", "128",
                "--batch-size", "2", "--steps", "3", "--log-interval", "1", "--ckpt-interval",
@@ -193,6 +194,28 @@ def test_foreground_and_matting_alphas(run, images, tmp_path):
             assert alpha.max() == 0
 
 
+def test_matting_scored_against_ground_truth_alphas(run, tmp_path):
+    """--alpha: the matte's and the mask's MSE / SAD against exact GT alphas (soft scenes)."""
+    data = write_soft_scenes(tmp_path / "soft", 3, seed=2, width=96, height=64)
+    out = tmp_path / "mat"
+    assert _predict(run, data / "image", out, "--task", "matting", "--alpha",
+                    str(data / "alpha")) == 0
+    report = json.loads((out / "alpha_eval.json").read_text())
+    assert [r["file"] for r in report["images"]] == [f"scene_{i:04d}.png" for i in range(3)]
+    for r in report["images"]:
+        stem = r["file"][:-4]
+        gt = np.asarray(Image.open(data / "alpha" / r["file"]), np.float64) / 255
+        mask = np.asarray(Image.open(out / "mask" / f"{stem}.png")) > 0
+        alpha = np.asarray(Image.open(out / "alpha" / f"{stem}.png"), np.float64) / 255
+        assert r["mask_mse"] == pytest.approx(np.mean((mask - gt) ** 2), rel=1e-6)
+        assert r["mask_sad"] == pytest.approx(np.abs(mask - gt).sum() / 1000, rel=1e-6)
+        # the PNG holds the matte rounded to 8 bits: within half a grey level of the scored one
+        assert r["alpha_mse"] == pytest.approx(np.mean((alpha - gt) ** 2), abs=2e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["alpha_eval"]["mask_mse"] == pytest.approx(
+        np.mean([r["mask_mse"] for r in report["images"]]))
+
+
 def test_an_unreadable_image_is_reported_not_dropped(run, images, tmp_path):
     folder = tmp_path / "some-bad"
     shutil.copytree(images, folder)
@@ -249,15 +272,25 @@ def test_input_file_errors_are_one_line(run, images, tmp_path, capsys):
     for name in ("a.png", "a.jpg"):
         Image.new("RGB", (40, 30)).save(twins / name)
     cases.append((twins, "a.jpg and a.png would write the same output files"))
-    bad_ckpt = tmp_path / "bad.pt"
-    bad_ckpt.write_bytes(b"garbage")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(2)}, foreign)
     for path, needle in cases:
         assert main(["predict", "--checkpoint", str(run["checkpoint"]), "--images", str(path),
                      "--task", "foreground", "--out", str(tmp_path / "o")]) == 2
         line = _one_line(capsys.readouterr().err)
         assert needle in line, line
+    for flags, needle in (
+            (["--task", "instance", "--classes", "a", "--alpha", str(images)],
+             "--alpha applies to --task matting or foreground"),
+            (["--task", "matting", "--alpha", str(tmp_path / "nope")], "is not a folder"),
+            (["--task", "matting", "--alpha", str(empty)],
+             f"{images / 'rotated.jpg'} has no alpha {empty / 'rotated.png'} (3 missing)")):
+        assert main(["predict", "--checkpoint", str(run["checkpoint"]), "--images", str(images),
+                     "--out", str(tmp_path / "o"), *flags]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert needle in line, line
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"garbage")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
     for ckpt, needle in ((bad_ckpt, "cannot be read"), (foreign, "not an `engine train`")):
         assert main(["predict", "--checkpoint", str(ckpt), "--images", str(images),
                      "--task", "foreground", "--out", str(tmp_path / "o")]) == 2
