@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-BAND_FRACTION = 0.06
+# Matte MSE on 50 soft scenes (GT masks): 0.00100 at 0.03, 0.00081 at 0.06, 0.00073 at 0.1,
+# 0.00100 at 0.15 (too wide: the solver starts to bleed into the background).
+BAND_FRACTION = 0.1
 MIN_BAND = 3
 MAX_BAND = 40
 UNKNOWN = 0.5
