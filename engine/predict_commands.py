@@ -140,11 +140,12 @@ def _write_json(path: Path, value) -> None:
     _write_bytes(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
-def _rle(mask: np.ndarray) -> dict:
+def _rles(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) bool -> N COCO compressed RLEs ({"size", "counts" str}), one pycocotools call."""
     from schemas import masks as mask_codec
 
-    value = mask_codec.encode(mask[None])[0]
-    return {"size": [value["height"], value["width"]], "counts": value["counts"]}
+    return [{"size": [v["height"], v["width"]], "counts": v["counts"]}
+            for v in mask_codec.encode(masks)]
 
 
 def _colour(k: int) -> np.ndarray:
@@ -167,9 +168,10 @@ def _draw(pixels: np.ndarray, masks=(), boxes=(), labels=(), alpha: float = 0.45
     return out
 
 
-def _label_overlay(pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each label value tinted in its palette colour (label maps, panoptic segments)."""
-    return _draw(pixels, masks=[labels == v for v in range(int(labels.max()) + 1)])
+def _label_overlay(pixels: np.ndarray, labels: np.ndarray, first: int = 0) -> np.ndarray:
+    """Each label value from `first` on tinted in its palette colour (label maps; panoptic
+    segments start at 1, 0 being void)."""
+    return _draw(pixels, masks=[labels == v for v in range(first, int(labels.max()) + 1)])
 
 
 def _alpha_overlay(pixels: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -208,11 +210,12 @@ class Writer:
     def _coco(self, sample: dict, pred: dict, name: str) -> np.ndarray:
         labels = pred.get("labels", np.arange(len(pred["scores"])))
         masks = pred.get("masks")
+        rles = _rles(masks) if masks is not None else None
         for i, score in enumerate(pred["scores"]):
             row = {"image_id": sample["image_id"], "category_id": int(labels[i]) + 1,
                    "bbox": [round(float(v), 2) for v in pred["boxes"][i]], "score": float(score)}
-            if masks is not None:
-                row["segmentation"] = _rle(masks[i])
+            if rles is not None:
+                row["segmentation"] = rles[i]
             self.results.append(row)
         shown = [i for i, s in enumerate(pred["scores"]) if s >= self.threshold]
         return _draw(sample["pixels"], masks=[] if masks is None else [masks[i] for i in shown],
@@ -238,7 +241,7 @@ class Writer:
                          "area": len(ys), "bbox": box, "score": s["score"]})
         self.panoptic.append({"image_id": sample["image_id"], "file_name": f"{name}.png",
                               "segments_info": info})
-        return _label_overlay(sample["pixels"], pred["segments"])
+        return _label_overlay(sample["pixels"], pred["segments"], first=1)
 
     def _foreground(self, sample: dict, pred: dict, name: str) -> np.ndarray:
         alpha = np.round(pred["prob"] * 255).astype(np.uint8)
