@@ -48,8 +48,9 @@ METHODS = ("cf", "knn", "lkm")
 
 @dataclass
 class Matte:
-    """alpha: (H, W) float32 in [0, 1]; method: the solver that made it, or "mask" when the mask
-    was too small to leave a known foreground (alpha is then the mask itself: a fallback)."""
+    """alpha: (H, W) float32 in [0, 1]; method: the solver that made it, or "mask" when the
+    trimap has no known foreground (mask thinner than the band) or no known background (mask
+    within `band` of every pixel): alpha is then the mask itself, a fallback; band: its pixels."""
 
     alpha: np.ndarray
     method: str
@@ -98,8 +99,8 @@ def refine(image: np.ndarray, mask: np.ndarray, method: str = "cf",
     """Alpha matte of the object `mask` covers in `image`.
 
     image: (H, W, 3) uint8 RGB; mask: (H, W) bool (any binary mask: predicted, GT, a box).
-    -> Matte with alpha (H, W) float32 in [0, 1]. An empty mask gives alpha 0 everywhere; a mask
-    with no pixel left after erosion (smaller than the band) gives the mask itself, method "mask".
+    -> Matte with alpha (H, W) float32 in [0, 1]. An empty mask gives alpha 0 everywhere; a trimap
+    without known foreground or background gives the mask itself, method "mask".
     """
     if method not in METHODS:
         raise ValueError(f"unknown matting method {method!r}; choose one of: {', '.join(METHODS)}")
