@@ -99,6 +99,8 @@ def test_refine_edge_cases():
     tiny[30:32, 30:32] = True  # erosion by the band leaves no known foreground
     fallback = Mt.refine(image, tiny)
     assert fallback.method == "mask" and np.array_equal(fallback.alpha, tiny.astype(np.float32))
+    everywhere = Mt.refine(image, np.ones((64, 64), bool))  # no pixel is known background
+    assert everywhere.method == "mask" and everywhere.alpha.min() == 1.0
     with pytest.raises(ValueError, match="unknown matting method 'bogus'; choose one of: cf"):
         Mt.refine(image, tiny, method="bogus")
     with pytest.raises(ValueError, match="must be"):
