@@ -191,6 +191,7 @@ COMMANDS = {
     "report": report_command,
     "train": train_command,
     "eval": eval_command,
+    "predict": importlib.import_module("engine.predict_commands").predict_command,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
