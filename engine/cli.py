@@ -33,6 +33,7 @@ from engine.query import (
     stats,
     stats_json,
 )
+from engine.predict_commands import predict_command
 from engine.report_commands import report_command, show_command
 from engine.train_commands import eval_command, train_command
 from pipelines.export import EXPORTERS
@@ -191,7 +192,7 @@ COMMANDS = {
     "report": report_command,
     "train": train_command,
     "eval": eval_command,
-    "predict": importlib.import_module("engine.predict_commands").predict_command,
+    "predict": predict_command,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
