@@ -24,6 +24,7 @@ from rich.table import Table
 
 from engine.options import SYNTHESIZE_FLAGS, synthesize_config
 from engine.options import signature as options_signature
+from engine.predict_commands import predict_command
 from engine.progress import reporter
 from engine.query import (
     FORMATS,
@@ -33,7 +34,6 @@ from engine.query import (
     stats,
     stats_json,
 )
-from engine.predict_commands import predict_command
 from engine.report_commands import report_command, show_command
 from engine.train_commands import eval_command, train_command
 from pipelines.export import EXPORTERS
