@@ -38,6 +38,7 @@ from collections.abc import Iterator
 
 from pipelines.captioners import CaptionerConfig
 from pipelines.maskers import MaskerConfig
+from pipelines.plan import read_unit
 from pipelines.stages import UnitWorker, WorkerSpec
 
 MAX_RETRIES = 3
@@ -229,6 +230,7 @@ class RayPool:
         import ray
 
         t0 = time.monotonic()
+        self.placement: dict[int, dict] = {}  # unit -> the worker that made it (host, node, pid)
         self.started = init_ray(address)
         try:
             size, cpu_each, gpu_each = worker_resources(workers, wants_gpu(masker, captioner))
@@ -239,6 +241,7 @@ class RayPool:
                 num_gpus=gpu_each,
                 max_restarts=MAX_RETRIES,
                 max_task_retries=MAX_RETRIES,
+                scheduling_strategy="SPREAD",  # one node lost costs the fewest workers
             )(bound_worker(masker, captioner, max(1, int(cpu_each) or 1)))
             self.actors = [actor_cls.remote() for _ in range(size)]
         except BaseException:
@@ -264,7 +267,9 @@ class RayPool:
         while queue or running:
             while idle and queue:
                 actor = idle.pop()
-                running[actor.run_unit.remote(spec_ref, queue.pop())] = actor
+                unit = queue.pop()
+                records = read_unit(spec.plan_path, unit)  # shipped: nodes need no run folder
+                running[actor.run_unit.remote(spec_ref, unit, records)] = actor
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             if first and not ready and time.monotonic() - t0 > waited + STALL_WARNING_S:
                 waited += STALL_WARNING_S
@@ -274,11 +279,12 @@ class RayPool:
                 )
             for ref in ready:
                 idle.append(running.pop(ref))
-                result = ray.get(ref)
+                unit, images, objects, where = ray.get(ref)
+                self.placement[unit] = where
                 if first:
                     log.info("ray: first unit back after %.2f s", time.monotonic() - t0)
                     first = False
-                yield result
+                yield unit, images, objects
 
     def __enter__(self) -> RayPool:
         return self

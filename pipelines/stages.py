@@ -16,6 +16,7 @@ from pipelines.captioners import Captioner, CaptionerConfig, build_captioner
 from pipelines.maskers import Masker, MaskerConfig, build_masker
 from pipelines.plan import read_unit
 from pipelines.process import UnitContext, process_unit
+from pipelines.records import ImageRecord
 from schemas import table_from_rows
 
 
@@ -51,11 +52,35 @@ class UnitWorker:
         self.masker = masker if masker is not None else build_masker(masker_cfg)
         self.captioner = captioner if captioner is not None else build_captioner(captioner_cfg)
 
-    def run(self, spec: WorkerSpec, unit: int) -> tuple[pa.Table, pa.Table]:
-        records = read_unit(spec.plan_path, unit)
+    def run(
+        self, spec: WorkerSpec, unit: int, records: list[ImageRecord] | None = None
+    ) -> tuple[pa.Table, pa.Table]:
+        """Unit `unit`'s tables; its records are read from the plan unless given."""
+        if records is None:
+            records = read_unit(spec.plan_path, unit)
         images, objects = process_unit(spec.context, records, self.masker, self.captioner)
         return table_from_rows("images", images), table_from_rows("objects", objects)
 
-    def run_unit(self, spec: WorkerSpec, unit: int) -> tuple[int, pa.Table, pa.Table]:
-        """The Ray entry point: the unit number travels back with its tables."""
-        return (unit, *self.run(spec, unit))
+    def run_unit(
+        self, spec: WorkerSpec, unit: int, records: list[ImageRecord] | None = None
+    ) -> tuple[int, pa.Table, pa.Table, dict]:
+        """The Ray entry point: the driver sends the unit's records with the task, so a worker on
+        another node needs the images but not the run folder; the unit number and where it ran
+        travel back."""
+        return (unit, *self.run(spec, unit, records), worker_identity())
+
+
+def worker_identity() -> dict:
+    """Host, Ray node id and pid of this process (recorded per unit: how work spread)."""
+    import os
+    import socket
+
+    node = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return {"host": socket.gethostname(), "node": node, "pid": os.getpid()}

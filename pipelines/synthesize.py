@@ -487,6 +487,8 @@ def _run_locked(
             t2 = time.monotonic()
             for unit, images, objects in results:
                 entry = write_unit(cfg.out, unit, images, objects, root=spec.context.root)
+                if pool is not None and unit in pool.placement:
+                    entry["worker"] = pool.placement[unit]
                 manifest.record_unit(unit, entry)
                 if on_unit:
                     on_unit(entry)
