@@ -126,6 +126,9 @@ SYNTHESIZE_FLAGS = (
          "and the rest on Ray workers; ray forces Ray; local is one process without Ray."),
     Flag("ray_address", ("run",), EXECUTION,
          "Join this Ray cluster instead of starting a local one."),
+    Flag("gpus_per_worker", ("run",), EXECUTION,
+         "GPU share of each Ray worker (its masker and captioner together), e.g. 0.5 for two "
+         "workers per GPU; 0 splits the cluster's GPUs evenly over the pool."),
     Flag("overwrite", ("run",), EXECUTION,
          "Replace an output folder written with a different configuration."),
     Flag("verbose", ("cli",), EXECUTION, "Log details.", default=False,

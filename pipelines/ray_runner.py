@@ -187,17 +187,30 @@ def choose_executor(images: int, workers: int, ray_address: str | None) -> tuple
     return "ray", f"{images} images: running on {size} Ray workers"
 
 
-def worker_resources(workers: int, uses_gpu: bool) -> tuple[int, float, float]:
-    """(pool size, CPUs per worker, GPUs per worker) from the cluster's resources."""
+def worker_resources(
+    workers: int, uses_gpu: bool, gpus_per_worker: float = 0.0
+) -> tuple[int, float, float]:
+    """(pool size, CPUs per worker, GPUs per worker) from the cluster's resources.
+
+    GPUs: `gpus_per_worker` > 0 gives each worker that share (0.5: two workers per GPU, each
+    holding its masker and captioner; with workers=0 the pool fills the cluster's GPUs at that
+    share); 0 splits the cluster's GPUs evenly over the pool (workers=0: one worker per GPU)."""
     import ray
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     if workers == 0:
-        workers = int(gpus) if uses_gpu and gpus >= 1 else max(1, int(cpus))
+        if uses_gpu and gpus > 0 and gpus_per_worker > 0:
+            workers = max(1, int(gpus / gpus_per_worker + 1e-9))
+        elif uses_gpu and gpus >= 1:
+            workers = int(gpus)
+        else:
+            workers = max(1, int(cpus))
     spare = max(cpus - 1.0, cpus / 2)  # keep one CPU (or half of a tiny box) for the driver
     cpu_each = min(1.0, spare / workers)
-    gpu_each = min(1.0, gpus / workers) if uses_gpu and gpus > 0 else 0.0
+    gpu_each = 0.0
+    if uses_gpu and gpus > 0:
+        gpu_each = gpus_per_worker if gpus_per_worker > 0 else min(1.0, gpus / workers)
     return workers, cpu_each, gpu_each
 
 
@@ -225,7 +238,12 @@ class RayPool:
     `__init__`, as soon as the pool is made: before the driver has planned the units."""
 
     def __init__(
-        self, masker: MaskerConfig, captioner: CaptionerConfig, workers: int, address: str | None
+        self,
+        masker: MaskerConfig,
+        captioner: CaptionerConfig,
+        workers: int,
+        address: str | None,
+        gpus_per_worker: float = 0.0,
     ):
         import ray
 
@@ -233,7 +251,9 @@ class RayPool:
         self.placement: dict[int, dict] = {}  # unit -> the worker that made it (host, node, pid)
         self.started = init_ray(address)
         try:
-            size, cpu_each, gpu_each = worker_resources(workers, wants_gpu(masker, captioner))
+            size, cpu_each, gpu_each = worker_resources(
+                workers, wants_gpu(masker, captioner), gpus_per_worker
+            )
             log.info("ray: started in %.2f s; %d workers x %.2f CPU, %.2f GPU",
                      time.monotonic() - t0, size, cpu_each, gpu_each)
             actor_cls = ray.remote(

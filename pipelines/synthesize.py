@@ -62,6 +62,7 @@ class SynthesizeConfig:
     executor: str = "auto"  # auto: in-process when too small for the Ray pool (ray_runner)
     workers: int = 0  # 0: one per CPU (leaving one for Ray's own tasks) or one per GPU
     ray_address: str | None = None
+    gpus_per_worker: float = 0.0  # 0: the cluster's GPUs split evenly over the pool
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -81,6 +82,13 @@ class SynthesizeConfig:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if not 0.0 <= self.gpus_per_worker <= 8.0:
+            raise ValueError(f"--gpus-per-worker must be in [0, 8], got {self.gpus_per_worker}")
+        if "://" in str(self.out) or str(self.out).startswith(("s3:", "gs:", "hdfs:")):
+            raise ValueError(
+                f"--out {self.out}: object storage is not supported yet; write to a local or "
+                "shared path (the driver writes every file) and copy the finished run"
+            )
         positive = {
             "--box-chunk": self.masker.box_chunk,
             "--captions-per-object": self.captioner.captions_per_object,
@@ -416,6 +424,12 @@ def run(
         lock.release()
 
 
+def ray_pool(cfg: SynthesizeConfig):
+    from pipelines.ray_runner import RayPool
+
+    return RayPool(cfg.masker, cfg.captioner, cfg.workers, cfg.ray_address, cfg.gpus_per_worker)
+
+
 def write_run_docs(out: Path, wall_s: float) -> None:
     """The run's dataset card (README.md with `datasets` configs) and stats.json, from what the
     manifest lists (pipelines/card.py)."""
@@ -439,7 +453,7 @@ def _run_locked(
     import contextlib
     import time
 
-    from pipelines.ray_runner import RayPool, choose_executor, sigterm_as_interrupt, starts_early
+    from pipelines.ray_runner import choose_executor, sigterm_as_interrupt, starts_early
 
     t0 = time.monotonic()
     cleanup = contextlib.ExitStack()  # restores SIGTERM and shuts Ray down however run() ends
@@ -450,9 +464,7 @@ def _run_locked(
         log.info("phase: models checked in %.2f s", time.monotonic() - t0)
         if starts_early(cfg.executor, cfg.ray_address):
             # Ray and the actors start now, so the actors build their models while we plan.
-            pool = cleanup.enter_context(
-                RayPool(cfg.masker, cfg.captioner, cfg.workers, cfg.ray_address)
-            )
+            pool = cleanup.enter_context(ray_pool(cfg))
         t1 = time.monotonic()
         manifest, spec, pending = prepare(cfg)
         log.info("phase: planned in %.2f s", time.monotonic() - t1)
@@ -480,9 +492,7 @@ def _run_locked(
             else:
                 del models  # workers load their own copies
                 if pool is None:
-                    pool = cleanup.enter_context(
-                        RayPool(cfg.masker, cfg.captioner, cfg.workers, cfg.ray_address)
-                    )
+                    pool = cleanup.enter_context(ray_pool(cfg))
                 results = pool.results(spec, pending)
             t2 = time.monotonic()
             for unit, images, objects in results:

@@ -250,3 +250,27 @@ def test_auto_threshold_and_a_named_cluster():
     # A cluster the user named is used however small the job.
     assert choose_executor(1, 2, "10.0.0.1:6379")[0] == "ray"
     assert choose_executor(1, 0, "auto")[0] == "ray"
+
+
+@pytest.mark.parametrize(
+    "resources, workers, share, expected",
+    [
+        ({"CPU": 16, "GPU": 1}, 0, 0.0, (1, 1.0, 1.0)),  # one worker per GPU
+        ({"CPU": 16, "GPU": 1}, 0, 0.5, (2, 1.0, 0.5)),  # two workers share the GPU
+        ({"CPU": 16, "GPU": 2}, 0, 0.25, (8, 1.0, 0.25)),
+        ({"CPU": 16, "GPU": 2}, 4, 0.0, (4, 1.0, 0.5)),  # an even split over a given pool
+        ({"CPU": 2}, 0, 0.5, (2, 0.5, 0.0)),  # no GPU: the share is moot
+    ],
+)
+def test_gpu_share_per_worker(monkeypatch, resources, workers, share, expected):
+    import ray
+
+    from pipelines.ray_runner import worker_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    assert worker_resources(workers, True, share) == expected
+
+
+def test_object_storage_out_is_one_clear_error(dataset, tmp_path):
+    with pytest.raises(ValueError, match="object storage is not supported yet"):
+        config(dataset, "s3://bucket/run")
