@@ -400,6 +400,8 @@ def run(
     removed, and a folder this run created is removed again if nothing was recorded in it."""
     out = Path(cfg.out)
     src = cfg.source
+    if src.annotations is not None and not Path(src.annotations).exists():
+        raise FileNotFoundError(f"--annotations {src.annotations}: no such file")
     inputs = {"dataset root": src.root, "annotation file": src.annotations}
     if src.root is None and src.annotations is not None:
         inputs["annotation folder"] = Path(src.annotations).parent

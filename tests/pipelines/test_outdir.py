@@ -286,3 +286,11 @@ def test_embedded_hf_images_are_written_into_the_run_never_into_the_dataset(tmp_
     sample = RunDataset(open_run(moved), where="true")[0]
     assert sample["image"].shape == (30, 40, 3)
     assert run(cfg).units_written == summary.units_total  # the old --out is gone: a fresh run
+
+
+def test_a_missing_annotation_file_is_named_before_anything_else(dataset, tmp_path):
+    root, _ = dataset
+    cfg = config(dataset, tmp_path / "out", source=SourceConfig("coco", None, root / "nope.json"))
+    with pytest.raises(FileNotFoundError, match="--annotations .*nope.json: no such file"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
