@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -28,6 +29,7 @@ class WorkerSpec:
     masker: MaskerConfig
     captioner: CaptionerConfig
     threads: int = 1
+    source: Any = None  # the coco source, for a plan of units by index range (pipelines.plan)
 
 
 class UnitWorker:
@@ -47,7 +49,7 @@ class UnitWorker:
         self.captioner = captioner if captioner is not None else build_captioner(spec.captioner)
 
     def run(self, unit: int) -> tuple[pa.Table, pa.Table]:
-        records = read_unit(self.spec.plan_path, unit)
+        records = read_unit(self.spec.plan_path, unit, self.spec.source)
         images, objects = process_unit(self.spec.context, records, self.masker, self.captioner)
         return table_from_rows("images", images), table_from_rows("objects", objects)
 

@@ -44,14 +44,15 @@ from pipelines.sources.rows import (
     check_categories,
     image_table,
 )
-from pipelines.sources.scan import SyntaxProblem, scan
+from pipelines.sources.scan import SyntaxProblem, paused_gc, scan
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16
-BATCH_ROWS = 32_768  # entries per conversion batch and Parquet write while indexing
+BATCH_ROWS = 8_192  # entries per conversion batch and raw Parquet write (~6 MB of dicts)
 ROW_GROUP = 4_096  # rows per row group of the index: a unit reads a few of them
 READ_IMAGES = 1_024  # records per read when iterating over the whole index
+INDEX_MARKER = "index.json"  # written last into an index folder: the index is complete
 
 
 @dataclass
@@ -211,8 +212,9 @@ def build_index(json_path: Path, folder: Path, memory_limit: str = "256MB") -> C
         "annotations": _RawWriter(folder / "raw_anns.parquet", ANNS_SCHEMA, ann_table, json_path),
     }
     try:
-        kept, types = scan(json_path, {k: w.add for k, w in writers.items()}, ("categories",),
-                           BATCH_ROWS)
+        with paused_gc():
+            kept, types = scan(json_path, {k: w.add for k, w in writers.items()},
+                               ("categories",), BATCH_ROWS)
     except (SyntaxProblem, UnicodeDecodeError) as e:
         _raise_syntax_error(json_path, e)
         raise AssertionError("unreachable") from None
