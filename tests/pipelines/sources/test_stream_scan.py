@@ -169,3 +169,33 @@ def test_records_by_range_equal_json_load_of_the_file(tmp_path, step):
     assert first.attributes == {"isfake": doc["annotations"][0]["isfake"], "note": ""}
     assert [r.to_dict() for r in src.records()] == [
         {**r.to_dict(), "index": None} for r in got]
+
+
+def test_bad_json_early_in_a_large_file_is_reported_without_reading_the_rest(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(scan, "CHUNK_CHARS", 1024)
+    monkeypatch.setattr(scan, "LOOKAHEAD", 64)
+    windows = []
+    real = scan._Text.more
+
+    def more(self):
+        real(self)
+        windows.append(len(self.text))
+
+    monkeypatch.setattr(scan._Text, "more", more)
+    path = tmp_path / "bad.json"
+    good = '{"id": 1, "file_name": "a.jpg"}, '
+    path.write_text('{"images": [' + good * 10 + '{"id": 2 "x": 1}, ' + good * 100_000 + "]}")
+    with pytest.raises(scan.SyntaxProblem):
+        scan.scan(path, {"images": lambda *a: None}, (), 4)
+    assert max(windows) < 4096  # the error is met in the first kB: the 3 MB after it stay unread
+
+
+def test_invalid_utf8_is_one_error_naming_the_file_and_byte(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"images": [{"id": 1, "file_name": "caf\xe9.jpg"}], "annotations": [],'
+                     b' "categories": []}')
+    with pytest.raises(ValueError) as err:
+        CocoSource("coco", "val", tmp_path, path, cache_dir=tmp_path / "c").index()
+    assert str(path) in str(err.value) and "byte" in str(err.value), str(err.value)
+    assert not any((tmp_path / "c").iterdir())  # the incomplete index is removed
