@@ -55,7 +55,8 @@ class CocoSource:
         the name unchanged). Objects365 uses it to fix typos and trailing spaces.
     image_check: flags known-bad images by file name (Objects365's known-missing list).
     cache_dir: where the Parquet index is kept (reused across runs while the JSON is unchanged);
-        default: a temporary folder removed when the source is garbage-collected.
+        default: a temporary folder removed when the source is garbage-collected. A synthesis run
+        sets it to its `_plan/` folder: the plan's units are ranges of this index.
     memory_limit: DuckDB's memory limit while sorting annotations by image, once, when the index is
         built (it spills to disk beyond); reading records afterwards needs a few batches only.
         Default: a quarter of the file's size, within 64 MB..1 GB (`sort_memory`).
