@@ -15,6 +15,7 @@ messages name the byte offset, line and column (see `stream._items`).
 from __future__ import annotations
 
 import gc
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -22,7 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-CHUNK_CHARS = 1 << 23  # 8 Mi characters per read
+import ijson
+
+CHUNK_CHARS = 1 << 21  # 2 Mi characters per read
 _WS = re.compile(r"[ \t\n\r]*")
 # Between two array elements.
 _SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
@@ -43,6 +46,16 @@ def paused_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def ijson_backend() -> Any:
+    """The fastest installed ijson backend (yajl2_c, a C extension, is ~10x the pure-Python one)."""
+    for name in ("yajl2_c", "yajl2_cffi", "yajl2", "python"):
+        try:
+            return ijson.get_backend(name)
+        except ImportError:
+            continue
+    raise ImportError("no ijson backend could be loaded; pip install ijson")
 
 
 class SyntaxProblem(Exception):
@@ -92,6 +105,8 @@ class _Text:
                     raise SyntaxProblem(str(e)) from None
                 self.more()
                 continue
+            except RecursionError:
+                value, end = _deep_value(self, self.pos)
             if end == len(self.text) and not self.eof:
                 # A number at the very end of the window may go on in the next chunk.
                 self.more()
@@ -157,6 +172,39 @@ def _cut(error: Exception, text: str) -> bool:
     return error.msg.startswith("Unterminated string") or error.pos >= len(text) - 16
 
 
+# A JSON string, a lone quote (a string the window cuts), or a bracket.
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{}]')
+
+
+def _deep_value(t: _Text, pos: int) -> tuple[Any, int]:
+    """A value nested too deeply for the C scanner (it recurses; a 20k-deep segmentation has been
+    seen): its end found by counting brackets outside strings, then decoded by ijson's C backend,
+    which keeps its own stack. Returns the value and its end in `t.text`; `t.pos` is its start
+    (the window may have moved)."""
+    while True:
+        depth = 0
+        for m in _TOKENS.finditer(t.text, pos):
+            token = m.group()
+            if token == '"' and m.end() - m.start() == 1:
+                break  # a string the window cuts: read more
+            if token in "[{":
+                depth += 1
+            elif token in "]}":
+                depth -= 1
+                if depth == 0:
+                    t.pos = pos  # the value's start in the (possibly moved) window
+                    text = io.BytesIO(t.text[pos:m.end()].encode("utf-8"))
+                    try:
+                        return next(ijson_backend().items(text, "", use_float=True)), m.end()
+                    except (ijson.JSONError, StopIteration) as e:
+                        raise SyntaxProblem(str(e)) from None
+        if t.eof:
+            raise SyntaxProblem("unterminated value")
+        t.pos = pos
+        t.more()
+        pos = t.pos
+
+
 def _array(t: _Text, consumer: Consumer, batch: int) -> None:
     """Elements of the array whose '[' was just read, in lists of `batch`.
 
@@ -186,6 +234,9 @@ def _array(t: _Text, consumer: Consumer, batch: int) -> None:
             if t.eof or not _cut(e, text):
                 raise SyntaxProblem(str(e)) from None
             end = -1
+        except RecursionError:
+            value, end = _deep_value(t, pos)
+            text, pos, limit = t.text, t.pos, len(t.text) - LOOKAHEAD
         if end < 0 or (end == len(text) and not t.eof):  # cut off, or may go on past the window
             t.pos = pos
             t.more()

@@ -44,7 +44,7 @@ from pipelines.sources.rows import (
     check_categories,
     image_table,
 )
-from pipelines.sources.scan import SyntaxProblem, paused_gc, scan
+from pipelines.sources.scan import SyntaxProblem, ijson_backend, paused_gc, scan
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +81,6 @@ class CocoIndex:
     @property
     def orphans(self) -> Path:
         return self.folder / "orphans.parquet"
-
-
-def ijson_backend() -> Any:
-    """The fastest installed ijson backend (yajl2_c, a C extension, is ~10x the pure-Python one)."""
-    for name in ("yajl2_c", "yajl2_cffi", "yajl2", "python"):
-        try:
-            return ijson.get_backend(name)
-        except ImportError:
-            continue
-    raise ImportError("no ijson backend could be loaded; pip install ijson")
 
 
 def _fail(path: Path, where: str, reason: str) -> ValueError:

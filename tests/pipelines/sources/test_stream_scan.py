@@ -199,3 +199,19 @@ def test_invalid_utf8_is_one_error_naming_the_file_and_byte(tmp_path):
         CocoSource("coco", "val", tmp_path, path, cache_dir=tmp_path / "c").index()
     assert str(path) in str(err.value) and "byte" in str(err.value), str(err.value)
     assert not any((tmp_path / "c").iterdir())  # the incomplete index is removed
+
+
+def test_a_value_too_deep_for_the_c_scanner_is_read_by_ijson(tmp_path, monkeypatch):
+    monkeypatch.setattr(scan, "CHUNK_CHARS", 4096)  # the deep value spans many windows
+    monkeypatch.setattr(scan, "LOOKAHEAD", 64)
+    deep = "[" * 20_000 + "]" * 20_000
+    path = tmp_path / "deep.json"
+    path.write_text('{"images": [1, {"s": "]["}, ' + deep + ', 2], "categories": ' + deep + "}")
+    got = []
+    kept, _ = scan.scan(path, {"images": lambda items, start: got.extend(items)},
+                        ("categories",), 2)
+    depth, value = 0, got[2]
+    while value:
+        value, depth = value[0], depth + 1
+    assert got[:2] == [1, {"s": "]["}] and got[3] == 2 and depth == 19_999
+    assert isinstance(kept["categories"], list)
