@@ -159,7 +159,8 @@ class _RawWriter:
         self.convert, self.json_path, self.count = convert, json_path, 0
 
     def add(self, items: list, start: int) -> None:
-        self.writer.write_table(self.convert(items, start, self.json_path))
+        # Numbered by this writer, not by `start`: a key given twice continues the numbering.
+        self.writer.write_table(self.convert(items, self.count, self.json_path))
         self.count += len(items)
 
 

@@ -215,3 +215,14 @@ def test_a_value_too_deep_for_the_c_scanner_is_read_by_ijson(tmp_path, monkeypat
         value, depth = value[0], depth + 1
     assert got[:2] == [1, {"s": "]["}] and got[3] == 2 and depth == 19_999
     assert isinstance(kept["categories"], list)
+
+
+def test_a_top_level_array_given_twice_keeps_both_in_file_order(tmp_path):
+    path = tmp_path / "twice.json"
+    path.write_text('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": '
+                    '[{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4]}], '
+                    '"images": [{"id": 2, "file_name": "b.jpg"}], '
+                    '"categories": [{"id": 1, "name": "c"}]}')
+    records = list(CocoSource("coco", "val", tmp_path, path, cache_dir=tmp_path / "c").records())
+    assert [(r.image_id, r.error, len(r.objects)) for r in records] == [
+        ("1", None, 0), ("2", None, 1)]
