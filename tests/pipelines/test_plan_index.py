@@ -99,3 +99,21 @@ def test_a_resumed_run_reads_the_index_in_its_plan_folder_without_rebuilding_it(
     assert {t: _rows(tmp_path / "clean", t) for t in ("images", "objects")} == before
     assert first.totals == resumed.totals == clean.totals
     assert first.input_objects == sum(first.totals[k] for k in ("kept", "filtered", "rejected"))
+
+
+def test_overwrite_after_the_file_changed_keeps_only_the_new_index(tmp_path):
+    root = tmp_path / "data"
+    ann = write_coco(root, n_images=4, objects_per_image=2)
+    out = tmp_path / "out"
+    run(_config(root, ann, out))
+    doc = json.loads(ann.read_text())
+    doc["annotations"] = doc["annotations"][:-1]
+    ann.write_text(json.dumps(doc))
+    again = run(_config(root, ann, out, overwrite=True))
+    assert again.input_objects == 7
+    assert len(list((out / "_plan").glob("coco-index-*"))) == 1
+
+
+def test_sort_memory_is_a_quarter_of_the_file_within_64mb_and_1gb():
+    assert [coco.sort_memory(n) for n in (10**6, 2 * 10**9, 10**11)] == [
+        "64MiB", f"{2 * 10**9 // 4 // 2**20}MiB", "1024MiB"]
