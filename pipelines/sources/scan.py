@@ -127,7 +127,7 @@ def scan(path: Path, arrays: dict[str, Consumer], keep: tuple[str, ...],
     top-level key's JSON type ('array', 'object', ...), for the caller's checks."""
     kept: dict[str, Any] = {}
     types: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:  # no newline translation: bytes as written
         t = _Text(f)
         t.expect("{")
         if t.skip_ws() == "}":
