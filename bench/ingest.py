@@ -1,16 +1,24 @@
-"""Ingest: peak memory of reading a large Objects365-layout annotation file, streamed vs json.load.
+"""Ingest: time and peak memory of reading a large Objects365-layout annotation file, by variant.
 
 The file (>= 1M boxes; quick: 200k) is written by
 `pipelines.sources.fixtures.write_objects365_fixture` (v2 layout: images, then annotations,
-categories last). Two subprocesses, each measured alone:
-- the `objects365` source's `records()`: ijson stream -> Parquet index -> DuckDB grouping by
-  image -> one ImageRecord at a time (every record and object is built and counted, then dropped);
-- the baseline: `json.load` of the file (and nothing else: it is the first step of any reader that
-  loads the document whole).
-Reported: wall seconds, boxes/s, the kernel's peak RSS of each process, and the RSS ratio; also the
-peak RSS of a process that only imports the source (DuckDB, pyarrow, ijson): its fixed floor.
+categories last). Each variant runs in its own subprocess, measured alone (wall seconds inside
+the process, kernel peak RSS of the process):
+- `json.load` of the file (the baseline: the first step of any reader that loads it whole);
+- ijson `items` with the C backend `yajl2_c` and `use_float=True`, one pass per top-level key
+  (categories, images, annotations: what the reader did before), parse only;
+- `scan`: the engine's one-pass reader (Python's C JSON scanner, element by element), parse only;
+- DuckDB `read_json` of the whole document (one JSON object: DuckDB parses it as one value), with
+  a 1 GB memory limit, counting the annotations;
+- the engine's `build_index` (scan + Arrow columns + raw Parquet + DuckDB sort): all that
+  planning a run costs (the plan itself is one row per unit);
+- `build_index` + every ImageRecord built from the index (`records()`, what a consumer of the
+  whole file gets; a run builds them unit by unit in its workers instead).
+Also: the peak RSS of a process that only imports the source (DuckDB, pyarrow, ijson): its fixed
+floor; the data-dependent memory of a variant is its peak minus its floor (json.load's floor is
+the bare interpreter's, measured too).
 
-Self-check: the source yields every image and every box of the file.
+Self-check: every variant counts every image and box of the file.
 
     .venv/bin/python bench/ingest.py [--quick]
 """
@@ -18,31 +26,120 @@ Self-check: the source yields every image and every box of the file.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 
-def source_side(path: Path) -> dict:
-    from pipelines.sources.objects365 import Objects365Source
-
-    t0 = time.perf_counter()
-    source = Objects365Source("train", path.parent, path, version=2)
-    images = boxes = with_error = 0
-    for record in source.records():
-        images += 1
-        boxes += len(record.objects)
-        with_error += sum(o.error is not None for o in record.objects)
-    return {"seconds": time.perf_counter() - t0, "images": images, "boxes": boxes,
-            "boxes_with_error": with_error}
+def _counts(images: int, boxes: int, t0: float, **extra) -> dict:
+    return {"seconds": time.perf_counter() - t0, "images": images, "boxes": boxes, **extra}
 
 
 def json_side(path: Path) -> dict:
     t0 = time.perf_counter()
     with open(path) as f:
         data = json.load(f)
-    return {"seconds": time.perf_counter() - t0, "images": len(data["images"]),
-            "boxes": len(data["annotations"])}
+    return _counts(len(data["images"]), len(data["annotations"]), t0)
+
+
+def ijson_side(path: Path) -> dict:
+    import ijson
+
+    backend = ijson.get_backend("yajl2_c")
+    t0 = time.perf_counter()
+    n = {}
+    for prefix in ("categories", "images.item", "annotations.item"):
+        with open(path, "rb") as f:
+            n[prefix] = sum(1 for _ in backend.items(f, prefix, use_float=True))
+    return _counts(n["images.item"], n["annotations.item"], t0)
+
+
+def scan_side(path: Path) -> dict:
+    from pipelines.sources.scan import paused_gc, scan
+
+    t0 = time.perf_counter()
+    n = {"images": 0, "annotations": 0}
+
+    def count(name):
+        def add(items, start):
+            n[name] += len(items)
+        return add
+
+    with paused_gc():
+        scan(path, {k: count(k) for k in n}, ("categories",), 8192)
+    return _counts(n["images"], n["annotations"], t0)
+
+
+def duckdb_side(path: Path) -> dict:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET memory_limit='1GB'")
+    con.execute(f"SET temp_directory='{tempfile.mkdtemp()}'")
+    t0 = time.perf_counter()
+    try:
+        (images, boxes), = con.execute(
+            "SELECT len(images), len(annotations) FROM read_json(?, format='unstructured', "
+            "records=true, maximum_object_size=?)", [str(path), path.stat().st_size + 1]
+        ).fetchall()
+    except duckdb.Error as e:
+        return _counts(None, None, t0, failed=str(e).splitlines()[0][:160])
+    return _counts(images, boxes, t0)
+
+
+def _index(path: Path, folder: Path):
+    from pipelines.sources import stream
+    from pipelines.sources.objects365 import Objects365Source
+
+    phases = {}
+    group = stream._group
+
+    def timed_group(*args):  # the sort's share of the time
+        t = time.perf_counter()
+        phases["scan_s"] = t - t0
+        out = group(*args)
+        phases["sort_s"] = time.perf_counter() - t
+        return out
+
+    stream._group = timed_group
+    t0 = time.perf_counter()
+    source = Objects365Source("train", path.parent, path, version=2)
+    source.cache_dir = folder
+    index = source.index()
+    return source, index, phases, t0
+
+
+def index_side(path: Path) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        _, index, phases, t0 = _index(path, folder)
+        return _counts(index.n_images, index.n_annotations, t0, **phases,
+                       memory_limit=_limit(path))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def records_side(path: Path) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        source, index, phases, t0 = _index(path, folder)
+        index_s = time.perf_counter() - t0
+        images = boxes = with_error = 0
+        for record in source.records():
+            images += 1
+            boxes += len(record.objects)
+            with_error += sum(o.error is not None for o in record.objects)
+        return _counts(images, boxes, t0, **phases, index_s=index_s, boxes_with_error=with_error)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _limit(path: Path) -> str:
+    from pipelines.sources.coco import sort_memory
+
+    return sort_memory(path.stat().st_size)
 
 
 def imports_side(path: Path) -> dict:
@@ -53,7 +150,24 @@ def imports_side(path: Path) -> dict:
     return {"seconds": 0.0, "images": None, "boxes": None}
 
 
-SIDES = {"source": source_side, "json": json_side, "imports": imports_side}
+def bare_side(path: Path) -> dict:
+    """The bare interpreter: json.load's floor."""
+    return {"seconds": 0.0, "images": None, "boxes": None}
+
+
+SIDES = {"json": json_side, "ijson": ijson_side, "scan": scan_side, "duckdb": duckdb_side,
+         "index": index_side, "records": records_side, "imports": imports_side,
+         "bare": bare_side}
+LABELS = {
+    "json": "json.load (baseline)",
+    "ijson": "ijson yajl2_c items, 3 passes (the old reader's parse)",
+    "scan": "scan: one pass, C json scanner (parse only)",
+    "duckdb": "DuckDB read_json of the document (1 GB limit)",
+    "index": "engine build_index (scan + columns + sort) = planning",
+    "records": "engine build_index + records() (every ImageRecord)",
+}
+FLOORS = {"json": "bare", "ijson": "bare", "scan": "bare", "duckdb": "imports",
+          "index": "imports", "records": "imports"}
 
 
 def main() -> None:
@@ -65,6 +179,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--images", type=int, help="images in the file (100,000; quick 20,000)")
     p.add_argument("--boxes-per-image", type=int, default=10)
+    p.add_argument("--variants", default=",".join(LABELS), help="comma-separated subset")
     args = p.parse_args()
     n_images = args.images or (20_000 if args.quick else 100_000)
     folder = args.data_dir / f"objects365-{n_images}x{args.boxes_per_image}"
@@ -76,33 +191,40 @@ def main() -> None:
         info_path.write_text(json.dumps(info))
     info = json.loads(info_path.read_text())
 
-    results = {}
-    for side in ("imports", "source", "json"):
+    results: dict = {}
+    for side in ("bare", "imports", *args.variants.split(",")):
         console.print(f"{side} ...")
         m = measure([sys.executable, __file__, "--side", side, str(path)])
         line = [ln for ln in m["output"].splitlines() if ln.startswith("@@RESULT ")]
         check(bool(line), f"{side}: no result line; output:\n{m['output'][-3000:]}")
         r = json.loads(line[-1].split(" ", 1)[1])
-        if side == "imports":
+        if side in ("bare", "imports"):
             results[side] = {"peak_rss_mb": m["peak_rss_mb"]}
             continue
-        check(r["images"] == info["n_images"] and r["boxes"] == info["n_boxes"],
-              f"{side}: read {r['images']} images / {r['boxes']} boxes, the file has "
-              f"{info['n_images']} / {info['n_boxes']}")
+        if "failed" not in r:
+            check(r["images"] == info["n_images"] and r["boxes"] == info["n_boxes"],
+                  f"{side}: read {r['images']} images / {r['boxes']} boxes, the file has "
+                  f"{info['n_images']} / {info['n_boxes']}")
         results[side] = {**r, "peak_rss_mb": m["peak_rss_mb"], "process_wall_s": m["wall_s"],
-                         "boxes_per_s": r["boxes"] / r["seconds"]}
+                         "data_rss_mb": m["peak_rss_mb"] - results[FLOORS[side]]["peak_rss_mb"],
+                         "boxes_per_s": info["n_boxes"] / r["seconds"]}
 
-    s, j = results["source"], results["json"]
+    j = results["json"]
+    rows = []
+    for side, label in LABELS.items():
+        if side not in results:
+            continue
+        r = results[side]
+        r["time_vs_json"] = r["seconds"] / j["seconds"]
+        r["data_rss_vs_json"] = r["data_rss_mb"] / j["data_rss_mb"]
+        rows.append([label + (f" FAILED: {r['failed']}" if "failed" in r else ""), r["seconds"],
+                     r["boxes_per_s"], r["peak_rss_mb"], r["data_rss_mb"], r["time_vs_json"],
+                     r["data_rss_vs_json"]])
     file_mb = info["bytes"] / 2**20
     print_table(f"{info['n_boxes']:,} boxes in {info['n_images']:,} images, {file_mb:.0f} MB file",
-                ["reader", "seconds", "boxes/s", "peak RSS MB", "RSS vs json.load"],
-                [["objects365 source records() (streamed)", s["seconds"], s["boxes_per_s"],
-                  s["peak_rss_mb"], s["peak_rss_mb"] / j["peak_rss_mb"]],
-                 ["json.load (baseline)", j["seconds"], j["boxes_per_s"], j["peak_rss_mb"], 1.0],
-                 ["(source's imports only, nothing read)", None, None,
-                  results["imports"]["peak_rss_mb"], None]])
-    results.update(file_bytes=info["bytes"], boxes=info["n_boxes"], images=info["n_images"],
-                   rss_ratio_source_vs_json=s["peak_rss_mb"] / j["peak_rss_mb"])
+                ["variant", "seconds", "boxes/s", "peak RSS MB", "data RSS MB", "time vs json",
+                 "data RSS vs json"], rows)
+    results.update(file_bytes=info["bytes"], boxes=info["n_boxes"], images=info["n_images"])
     config = {"images": n_images, "boxes_per_image": args.boxes_per_image, "version": 2,
               "fixture": "pipelines.sources.fixtures.write_objects365_fixture(seed=0)"}
     write_results("ingest", args, config, results)

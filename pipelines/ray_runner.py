@@ -288,7 +288,8 @@ class RayPool:
             while idle and queue:
                 actor = idle.pop()
                 unit = queue.pop()
-                records = read_unit(spec.plan_path, unit)  # shipped: nodes need no run folder
+                # the records travel with the task: other nodes need no access to the run folder
+                records = read_unit(spec.plan_path, unit, spec.source)
                 running[actor.run_unit.remote(spec_ref, unit, records)] = actor
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             if first and not ready and time.monotonic() - t0 > waited + STALL_WARNING_S:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -28,6 +29,7 @@ class WorkerSpec:
     context: UnitContext
     masker: MaskerConfig
     captioner: CaptionerConfig
+    source: Any = None  # the coco source, for a plan of units by index range (pipelines.plan)
 
 
 class UnitWorker:
@@ -57,7 +59,7 @@ class UnitWorker:
     ) -> tuple[pa.Table, pa.Table]:
         """Unit `unit`'s tables; its records are read from the plan unless given."""
         if records is None:
-            records = read_unit(spec.plan_path, unit)
+            records = read_unit(spec.plan_path, unit, spec.source)
         images, objects = process_unit(spec.context, records, self.masker, self.captioner)
         return table_from_rows("images", images), table_from_rows("objects", objects)
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from itertools import chain, islice
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.captioners import CAPTIONERS, Captioner, CaptionerConfig, build_captioner
 from pipelines.maskers import MASKERS, Masker, MaskerConfig, build_masker
@@ -34,12 +34,20 @@ from pipelines.outdir import (
     release_claim,
     remove_temp_files,
 )
-from pipelines.plan import open_plan, write_plan
+from pipelines.plan import (
+    COCO_INDEX,
+    Plan,
+    open_plan,
+    open_plan_units,
+    write_index_plan,
+    write_plan,
+)
 from pipelines.process import UnitContext
 from pipelines.quality import QualityConfig
 from pipelines.registry import resolve
 from pipelines.shards import UNIT_LOG, Manifest, write_unit
 from pipelines.sources import SOURCES, SourceConfig, open_source
+from pipelines.sources.coco import CocoSource
 from pipelines.stages import UnitWorker, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -234,15 +242,15 @@ def auto_unit_size(records: Iterator) -> tuple[int, Iterator]:
 ROOT_PROBE = 16  # images of the plan checked for existence before any work
 
 
-def check_root(root: Path, plan_path: Path) -> None:
+def check_root(root: Path, plan_path: Path, source=None) -> None:
     """Stop before any work when none of the plan's first images exists under `root` (a wrong
     --root would otherwise run to the end with every object rejected)."""
     from pipelines.images import resolve_inside
     from pipelines.plan import read_unit
 
     probed: list = []
-    for unit in range(min(ROOT_PROBE, pq.ParquetFile(plan_path).num_row_groups)):
-        probed += [r for r in read_unit(plan_path, unit) if not r.error]
+    for unit in range(min(ROOT_PROBE, open_plan_units(plan_path))):
+        probed += [r for r in read_unit(plan_path, unit, source) if not r.error]
         if len(probed) >= ROOT_PROBE:
             break
     probed = probed[:ROOT_PROBE]
@@ -307,6 +315,8 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
         manifest = None
     remove_temp_files(cfg.out)
     plan_path = cfg.out / "_plan" / "plan.parquet"
+    if isinstance(source, CocoSource):  # its index lives with the plan: a resume finds it
+        source.cache_dir = plan_path.parent
     plan = open_plan(plan_path, fp)
     if plan is None or manifest is None:
         manifest = _new_plan(cfg, source, resolved, fp, plan_path, inputs)
@@ -325,7 +335,8 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
         quality=cfg.quality,
         remask=cfg.remask,
     )
-    spec = WorkerSpec(plan_path=plan_path, context=ctx, masker=cfg.masker, captioner=cfg.captioner)
+    spec = WorkerSpec(plan_path=plan_path, context=ctx, masker=cfg.masker, captioner=cfg.captioner,
+                      source=source if isinstance(source, CocoSource) else None)
     pending = [k for k in range(manifest.data["plan"]["units"]) if k not in done]
     return manifest, spec, pending
 
@@ -333,17 +344,23 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
 def _new_plan(
     cfg: SynthesizeConfig, source, resolved: dict, fp: str, plan_path: Path, inputs: dict
 ) -> Manifest:
-    records = source.records()
-    if cfg.limit is not None:
-        records = islice(records, cfg.limit)
-    unit_size = cfg.unit_size
-    if unit_size is None:
-        unit_size, records = auto_unit_size(records)
-    plan = write_plan(records, plan_path, unit_size, fp)
+    if isinstance(source, CocoSource):
+        plan, unit_size = _new_index_plan(cfg, source, fp, plan_path)
+    else:
+        records = source.records()
+        if cfg.limit is not None:
+            records = islice(records, cfg.limit)
+        unit_size = cfg.unit_size
+        if unit_size is None:
+            unit_size, records = auto_unit_size(records)
+        plan = write_plan(records, plan_path, unit_size, fp)
     try:
-        check_root(image_root(cfg.out, resolved["source"]["root"]), plan_path)
+        check_root(image_root(cfg.out, resolved["source"]["root"]), plan_path,
+                   source if plan.kind == COCO_INDEX else None)
     except ValueError:
         plan_path.unlink(missing_ok=True)
+        if plan.kind == COCO_INDEX:  # the run's own: a run that stops here leaves nothing
+            shutil.rmtree(source.index().folder, ignore_errors=True)
         raise
     header = {
         "fingerprint": fp,
@@ -363,6 +380,21 @@ def _new_plan(
     (cfg.out / UNIT_LOG).unlink(missing_ok=True)  # a new plan: earlier markers mean nothing
     manifest.save()
     return manifest
+
+
+def _new_index_plan(cfg: SynthesizeConfig, source: CocoSource, fp: str,
+                    plan_path: Path) -> tuple[Plan, int]:
+    """A COCO-like source: units by range of its index (built once into `_plan/`); index folders
+    of earlier plans of this run (another annotation file) are removed."""
+    index = source.index()
+    for old in plan_path.parent.glob("coco-index-*"):
+        if old.is_dir() and old != index.folder:
+            shutil.rmtree(old)
+    n = index.n_records if cfg.limit is None else min(cfg.limit, index.n_records)
+    unit_size = cfg.unit_size
+    if unit_size is None:
+        unit_size, _ = auto_unit_size(iter(range(n)))  # the same rule as for streamed records
+    return write_index_plan(index, plan_path, unit_size, fp, cfg.limit), unit_size
 
 
 Result = tuple[int, pa.Table, pa.Table]

@@ -5,8 +5,10 @@ pipeline clips them). `segmentation` (polygons, RLE or uncompressed RLE) becomes
 `schemas.masks.from_segmentation`, rasterised once with pycocotools. Annotation keys other than the
 standard ones (e.g. Objects365's `isfake`, `isreflected`) are kept in `attributes`.
 
-The file is read through `pipelines.sources.stream`: never loaded whole, records in `images` order.
-Per-record problems are data, not exceptions (see `_record` and `_object`):
+The file is read through `pipelines.sources.stream`: never loaded whole, records in `images` order,
+built from the index's Arrow rows (`build_records`), for the whole file (`records`) or for one
+range of records (`range_records`: a plan unit, read by a worker straight from the index).
+Per-record problems are data, not exceptions (see `_flag` and `_object`):
 - unknown or non-integer category id, bbox that is not 4 numbers, duplicate annotation id,
   unreadable segmentation -> `SourceObject.error`;
 - duplicate image id -> an ImageRecord with error "duplicate image id", status `duplicate` (the
@@ -19,15 +21,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator
+from functools import lru_cache
+from itertools import islice
 from pathlib import Path
+
+import pyarrow as pa
 
 from pipelines.records import ImageRecord, SourceObject
 from pipelines.sources import SourceConfig
-from pipelines.sources.stream import CocoIndex, build_index, iter_groups
+from pipelines.sources.scan import paused_gc
+from pipelines.sources.stream import (
+    INDEX_MARKER,
+    CocoIndex,
+    build_index,
+    iter_records,
+    read_records,
+)
 from schemas.masks import from_segmentation
 
 # file_name -> (error, error_status) for images known to be unusable, or None.
@@ -41,9 +55,11 @@ class CocoSource:
         the name unchanged). Objects365 uses it to fix typos and trailing spaces.
     image_check: flags known-bad images by file name (Objects365's known-missing list).
     cache_dir: where the Parquet index is kept (reused across runs while the JSON is unchanged);
-        default: a temporary folder removed when the source is garbage-collected.
+        default: a temporary folder removed when the source is garbage-collected. A synthesis run
+        sets it to its `_plan/` folder: the plan's units are ranges of this index.
     memory_limit: DuckDB's memory limit while sorting annotations by image, once, when the index is
         built (it spills to disk beyond); reading records afterwards needs a few batches only.
+        Default: a quarter of the file's size, within 64 MB..1 GB (`sort_memory`).
     """
 
     def __init__(
@@ -56,7 +72,7 @@ class CocoSource:
         category_text: Callable[[str], str] | None = None,
         image_check: ImageCheck | None = None,
         cache_dir: Path | None = None,
-        memory_limit: str = "256MB",
+        memory_limit: str | None = None,
     ):
         self.name = name
         self.split = split
@@ -67,7 +83,7 @@ class CocoSource:
         self.category_text = category_text or _unchanged
         self.image_check = image_check
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.memory_limit = memory_limit
+        self.memory_limit = memory_limit or sort_memory(self.annotation_file.stat().st_size)
         self._index: CocoIndex | None = None
 
     def index(self) -> CocoIndex:
@@ -85,38 +101,74 @@ class CocoSource:
         stat = self.annotation_file.stat()
         ident = f"{self.annotation_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         folder = base / f"coco-index-{hashlib.sha1(ident.encode()).hexdigest()[:16]}"
-        done = folder / "index.json"
-        if done.is_file():
-            meta = json.loads(done.read_text())
-            return CocoIndex(self.annotation_file, folder, meta["categories"], meta["n_images"],
-                             meta["n_annotations"])
-        index = build_index(self.annotation_file, folder, self.memory_limit)
+        if (folder / INDEX_MARKER).is_file():
+            return load_index(folder, self.annotation_file)
+        try:
+            index = build_index(self.annotation_file, folder, self.memory_limit)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # ours, and incomplete: nothing to reuse
+            raise
         meta = {"categories": index.categories, "n_images": index.n_images,
-                "n_annotations": index.n_annotations}
-        tmp = done.with_suffix(".tmp")
+                "n_annotations": index.n_annotations, "n_orphans": index.n_orphans}
+        tmp = folder / f".{INDEX_MARKER}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(meta))
-        tmp.replace(done)  # written last and atomically: marks the index complete
+        os.replace(tmp, folder / INDEX_MARKER)  # written last and atomically: the index is complete
         return index
 
     def records(self) -> Iterator[ImageRecord]:
         index = self.index()
+        for images, anns in iter_records(index):
+            yield from self.build_records(index, images, anns)
+
+    def range_records(self, folder: Path, first: int, last: int) -> list[ImageRecord]:
+        """Records [first, last) of the index in `folder` (a plan unit), numbered from `first`."""
+        index = load_index(Path(folder), self.annotation_file)
+        records = self.build_records(index, *read_records(index, first, last))
+        for i, record in enumerate(records):
+            record.index = first + i
+        return records
+
+    def build_records(self, index: CocoIndex, images: pa.Table,
+                      anns: pa.Table) -> list[ImageRecord]:
+        """Index rows (see `stream.read_records`) -> records. Most objects take the short branch:
+        no scan-time error, known category, no duplicate id, no segmentation."""
+        with paused_gc():
+            return self._build(index, images, anns)
+
+    def _build(self, index: CocoIndex, images: pa.Table, anns: pa.Table) -> list[ImageRecord]:
         categories = {c["id"]: c["name"] for c in index.categories}
         texts = {cid: self.category_text(name) for cid, name in categories.items()}
-        for image, anns in iter_groups(index):
-            yield self._record(image, anns, categories, texts)
+        a = anns.select(list(_ANN_COLUMNS)).to_pydict()
+        rows = zip(*a.values(), strict=True)
+        out = []
+        im = images.select(["ord", "key", "file_name", "width", "height", "duplicate",
+                            "ann_count"]).to_pydict()
+        for ord_, key, file_name, width, height, duplicate, count in zip(*im.values(),
+                                                                         strict=True):
+            record = ImageRecord(image_id=key, file=file_name, width=width, height=height)
+            objects = record.objects
+            for row in islice(rows, count):
+                ann_key, cid, x, y, w, h, crowd, seg, attributes, error, dup = row
+                if error is None and seg is None and not dup and cid in categories:
+                    objects.append(SourceObject(
+                        ann_id=ann_key, category=texts[cid], box_raw=[x, y, w, h],
+                        category_id=cid, category_name=categories[cid], iscrowd=crowd,
+                        attributes=_attributes(attributes)))
+                else:
+                    ann = dict(zip(_ANN_COLUMNS, row, strict=True))
+                    objects.append(self._object(ann, categories, texts, record))
+            self._flag(record, ord_, key, duplicate)
+            out.append(record)
+        return out
 
-    def _record(self, image: dict, anns: list[dict], categories: dict, texts: dict) -> ImageRecord:
-        record = ImageRecord(image_id=image["key"], file=image["file_name"], width=image["width"],
-                             height=image["height"])
-        record.objects = [self._object(a, categories, texts, record) for a in anns]
-        if image["ord"] is None:
-            record.error = f"annotation refers to unknown image id {image['key']}"
+    def _flag(self, record: ImageRecord, ord_: int | None, key: str, duplicate: bool) -> None:
+        if ord_ is None:
+            record.error = f"annotation refers to unknown image id {key}"
             record.error_status = "invalid"
-        elif image["duplicate"]:
+        elif duplicate:
             record.error, record.error_status = "duplicate image id", "duplicate"
         elif self.image_check is not None and (flag := self.image_check(record.file)):
             record.error, record.error_status = flag
-        return record
 
     def _object(self, ann: dict, categories: dict, texts: dict,
                 record: ImageRecord) -> SourceObject:
@@ -150,6 +202,30 @@ class CocoSource:
             error="; ".join(errors) or None,
             error_code=codes[0] if codes else None,
         )
+
+
+def sort_memory(file_bytes: int) -> str:
+    """DuckDB's memory limit for sorting a file's annotations: a quarter of its size, at least
+    64 MB, at most 1 GB (json.load needs ~4x the file; the 1M-box bench file, 218 MB, sorts in
+    64 MB at a peak RSS of ~280 MB)."""
+    return f"{min(max(file_bytes // 4, 64 * 2**20), 2**30) // 2**20}MiB"
+_ANN_COLUMNS = ("ann_key", "category_id", "x", "y", "w", "h", "iscrowd", "segmentation",
+                "attributes", "error", "duplicate")
+
+
+@lru_cache(maxsize=8)
+def _load_index(folder: Path, json_path: Path) -> CocoIndex:
+    meta = json.loads((folder / INDEX_MARKER).read_text())
+    return CocoIndex(json_path, folder, meta["categories"], meta["n_images"],
+                     meta["n_annotations"], meta["n_orphans"])
+
+
+def load_index(folder: Path, json_path: Path) -> CocoIndex:
+    """The complete index in `folder` (its marker, written last, says so); FileNotFoundError when
+    it is not there (e.g. a run folder copied without its `_plan/`)."""
+    if not (folder / INDEX_MARKER).is_file():
+        raise FileNotFoundError(f"annotation index not found or incomplete: {folder}")
+    return _load_index(folder, json_path)
 
 
 # First word of a scan-time error (pipelines.sources.stream._ann_row) -> its reject code.

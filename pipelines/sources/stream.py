@@ -1,32 +1,34 @@
-"""COCO-format JSON -> a Parquet index grouped by image -> records, with bounded memory.
+"""COCO-format JSON -> a Parquet index grouped by image, read back by record range.
 
 Why: Objects365 v2 train is one JSON document of ~1.7M images and tens of millions of boxes;
 `json.load` of it needs tens of GB. Instead, `build_index` (once per file, cached by the caller):
 
-1. streams the file with ijson (the C backend `yajl2_c` when installed) in three C-speed passes,
-   `categories` (kept, it is small), `images` and `annotations` (converted to rows and written to
-   Parquet in batches of BATCH_ROWS);
+1. reads the file once (`scan`: Python's C JSON scanner, one array element at a time), converts
+   `images` and `annotations` in batches of BATCH_ROWS to Arrow (`rows`: whole columns at a time
+   when a batch is uniform) and appends them to two raw Parquet files; `categories` is kept;
 2. has DuckDB, with a memory limit and a spill folder, write `images.parquet` (file order, duplicate
-   ids flagged) and `annotations.parquet` sorted by the position of their image in `images`
-   (unknown image ids last, grouped by id; duplicate annotation ids flagged). DuckDB sorts, joins
-   and aggregates larger-than-memory data by spilling to disk.
+   ids flagged, and where each image's annotations are: `ann_start`, `ann_count`),
+   `annotations.parquet` sorted by the position of their image in `images` (unknown image ids
+   last, grouped by id; duplicate annotation ids flagged) and `orphans.parquet` (one row per
+   unknown image id). DuckDB sorts, joins and aggregates larger-than-memory data by spilling.
 
-`iter_groups` then merges the two sorted files: records come out in `images` order, reading a few
-small row groups at a time, however often it is called. Malformed files raise `ValueError` naming
-the file, the JSON path or byte offset, and the reason.
+Records are numbered: images in file order, then the orphan groups. `read_records(index, a, b)`
+reads records [a, b) and exactly their annotation rows, a few row groups, from anywhere (a plan
+unit is such a range). Malformed files raise `ValueError` naming the file, the JSON path or byte
+offset, and the reason.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
-import reprlib
 import shutil
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +37,22 @@ import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.masks import check_segmentation_shape
+from pipelines.sources.rows import (
+    ANNS_SCHEMA,
+    IMAGES_SCHEMA,
+    ann_table,
+    check_categories,
+    image_table,
+)
+from pipelines.sources.scan import SyntaxProblem, ijson_backend, paused_gc, scan
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16
-BATCH_ROWS = 4_096  # rows per Parquet write while indexing (and per row group)
-READ_ROWS = 1_024  # rows per batch when reading the index back
-# Annotation keys with their own column; any other key (isfake, isreflected...) goes to attributes.
-ANN_KEYS = ("id", "image_id", "category_id", "bbox", "iscrowd", "segmentation", "area")
-
-IMAGES_SCHEMA = pa.schema(
-    [("ord", pa.int64()), ("key", pa.string()), ("file_name", pa.string()),
-     ("width", pa.int64()), ("height", pa.int64())]
-)
-# The box is four float columns (null when it is not 4 numbers): much cheaper to write than a list.
-ANNS_SCHEMA = pa.schema(
-    [("ord", pa.int64()), ("ann_key", pa.string()), ("image_key", pa.string()),
-     ("category_id", pa.int64()), ("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()),
-     ("h", pa.float64()), ("iscrowd", pa.bool_()), ("segmentation", pa.string()),
-     ("attributes", pa.string()), ("error", pa.string())]
-)
+BATCH_ROWS = 8_192  # entries per conversion batch and raw Parquet write (~6 MB of dicts)
+ROW_GROUP = 4_096  # rows per row group of the index: a unit reads a few of them
+READ_IMAGES = 1_024  # records per read when iterating over the whole index
+INDEX_MARKER = "index.json"  # written last into an index folder: the index is complete
 
 
 @dataclass
@@ -67,6 +64,11 @@ class CocoIndex:
     categories: list[dict]
     n_images: int
     n_annotations: int
+    n_orphans: int  # annotations' image ids that are not in `images`
+
+    @property
+    def n_records(self) -> int:
+        return self.n_images + self.n_orphans
 
     @property
     def images(self) -> Path:
@@ -76,189 +78,13 @@ class CocoIndex:
     def annotations(self) -> Path:
         return self.folder / "annotations.parquet"
 
-
-def ijson_backend() -> Any:
-    """The fastest installed ijson backend (yajl2_c, a C extension, is ~10x the pure-Python one)."""
-    for name in ("yajl2_c", "yajl2_cffi", "yajl2", "python"):
-        try:
-            return ijson.get_backend(name)
-        except ImportError:
-            continue
-    raise ImportError("no ijson backend could be loaded; pip install ijson")
+    @property
+    def orphans(self) -> Path:
+        return self.folder / "orphans.parquet"
 
 
 def _fail(path: Path, where: str, reason: str) -> ValueError:
     return ValueError(f"{path}: {where}: {reason}")
-
-
-def _id_key(value: Any, path: Path, where: str) -> str:
-    """An image/annotation id as text; ints and strings are both seen in COCO-format files."""
-    if isinstance(value, bool) or not isinstance(value, int | str | float):
-        raise _fail(path, where, f"id must be an integer or a string, got {reprlib.repr(value)}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise _fail(path, where, f"id must be an integer or a string, got {value!r}")
-        value = int(value)
-    return str(value)
-
-
-def _opt_int(value: Any, path: Path, where: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _fail(path, where, f"expected a number, got {reprlib.repr(value)}")
-    return int(value)
-
-
-def _brief(value: Any, limit: int) -> str:
-    """A value as JSON for a message, cut to `limit`; reprlib for values nested too deeply for
-    json (it stops at 6 levels)."""
-    try:
-        return json.dumps(value)[:limit]
-    except (RecursionError, TypeError, ValueError):
-        return reprlib.repr(value)[:limit]
-
-
-def _is_number(v: Any) -> bool:
-    return type(v) in _NUMBER  # exact types: bool is not a number here
-
-
-_NUMBER = (int, float)
-_ANN_KEY_SET = frozenset(ANN_KEYS)
-
-
-class _ParquetSink:
-    """Appends rows (tuples in schema order) to one Parquet file in batches of BATCH_ROWS."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema)
-        self.rows: list[tuple] = []
-        self.count = 0
-
-    def add(self, row: tuple) -> None:
-        self.rows.append(row)
-        self.count += 1
-        if len(self.rows) >= BATCH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            columns = [pa.array(col, type=f.type)
-                       for col, f in zip(zip(*self.rows, strict=True), self.schema, strict=True)]
-            self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
-            self.rows = []
-
-    def close(self) -> None:
-        self.flush()
-        self.writer.close()
-
-
-def _image_row(item: Any, ord_: int, path: Path) -> tuple:
-    where = f"images[{ord_}]"
-    if type(item) is not dict:
-        raise _fail(path, where, f"expected an object, got {type(item).__name__}")
-    if "id" not in item:
-        raise _fail(path, where, "missing 'id'")
-    file_name = item.get("file_name")
-    if type(file_name) is not str:
-        raise _fail(path, where, f"'file_name' must be a string, got {reprlib.repr(file_name)}")
-    return (ord_, _id_key(item["id"], path, where + ".id"), file_name,
-            _opt_int(item.get("width"), path, where + ".width"),
-            _opt_int(item.get("height"), path, where + ".height"))
-
-
-_ATTRIBUTE_TEXT: dict[tuple, str] = {}
-_SORTED_KEYS: dict[frozenset, tuple] = {}
-
-
-def _attributes(item: dict, keys: set) -> str:
-    """JSON text of the non-standard keys, sorted; memoised (isfake 0, isreflected 0 repeat)."""
-    names = _SORTED_KEYS.get(frozen := frozenset(keys))
-    if names is None:
-        names = _SORTED_KEYS[frozen] = tuple(sorted(keys))
-    values = tuple(map(item.__getitem__, names))
-    # Value types are part of the key: 1, 1.0 and true hash alike but print differently.
-    key = (names, values, tuple(map(type, values)))
-    try:
-        return _ATTRIBUTE_TEXT[key]
-    except KeyError:
-        pass
-    except TypeError:  # a list or object value: not hashable, not worth caching
-        return json.dumps(dict(zip(names, values, strict=True)))
-    if len(_ATTRIBUTE_TEXT) > 4096:
-        _ATTRIBUTE_TEXT.clear()
-        _SORTED_KEYS.clear()
-    text = _ATTRIBUTE_TEXT[key] = json.dumps(dict(zip(names, values, strict=True)))
-    return text
-
-
-def _ann_row(item: Any, ord_: int, path: Path) -> tuple:
-    """One `annotations` entry -> a row of ANNS_SCHEMA. Called tens of millions of times: the common
-    case (int ids, 4-number bbox) takes the fast branches."""
-    if type(item) is not dict:
-        raise _fail(path, f"annotations[{ord_}]", f"expected an object, got {type(item).__name__}")
-    try:
-        ann_id, image_id = item["id"], item["image_id"]
-    except KeyError as e:
-        raise _fail(path, f"annotations[{ord_}]", f"missing {e.args[0]!r}") from None
-    ann_key = (str(ann_id) if type(ann_id) is int
-               else _id_key(ann_id, path, f"annotations[{ord_}].id"))
-    image_key = (str(image_id) if type(image_id) is int
-                 else _id_key(image_id, path, f"annotations[{ord_}].image_id"))
-    errors = []
-    cid = item.get("category_id")
-    if type(cid) is not int:
-        if type(cid) is float and cid.is_integer():
-            cid = int(cid)
-        else:
-            errors.append(f"category_id is not an integer: {_brief(cid, 40)}")
-            cid = None
-    bbox = item.get("bbox")
-    if (type(bbox) is list and len(bbox) == 4 and type(bbox[0]) in _NUMBER
-            and type(bbox[1]) in _NUMBER and type(bbox[2]) in _NUMBER and type(bbox[3]) in _NUMBER):
-        x, y, w, h = bbox
-    elif type(bbox) is list and len(bbox) == 4 and all(v is None or _is_number(v) for v in bbox):
-        # JSON has no NaN; writers such as pandas emit null for it. Passed on as NaN, for the
-        # pipeline to reject like any other NaN box.
-        x, y, w, h = (math.nan if v is None else v for v in bbox)
-    else:
-        errors.append(f"bbox is not 4 numbers: {_brief(bbox, 80)}")
-        x = y = w = h = None
-    seg = item.get("segmentation")
-    if seg and (problem := check_segmentation_shape(seg)):
-        # Checked before json.dumps (a 20k-deep list recursed) and DuckDB (a 57 MB polygon ran
-        # the index sort out of memory); the object is rejected as gt_mask_invalid.
-        errors.append(f"segmentation: {problem}")
-        seg = None
-    extra_keys = item.keys() - _ANN_KEY_SET
-    attributes = None
-    if extra_keys:
-        try:
-            attributes = _attributes(item, extra_keys)
-        except RecursionError:
-            errors.append(f"attributes nest too deeply to store: {sorted(extra_keys)!r}"[:100])
-    return (ord_, ann_key, image_key, cid, x, y, w, h, bool(item.get("iscrowd", 0)),
-            json.dumps(seg) if seg else None, attributes, "; ".join(errors) or None)
-
-
-def _check_categories(categories: Any, path: Path) -> list[dict]:
-    if not isinstance(categories, list):
-        raise _fail(path, "categories", f"expected an array, got {type(categories).__name__}")
-    seen: set[int] = set()
-    for i, cat in enumerate(categories):
-        where = f"categories[{i}]"
-        if not isinstance(cat, dict):
-            raise _fail(path, where, f"expected an object, got {type(cat).__name__}")
-        cid, name = cat.get("id"), cat.get("name")
-        if not (_is_number(cid) and float(cid).is_integer()):
-            raise _fail(path, where, f"'id' must be an integer, got {reprlib.repr(cid)}")
-        if not isinstance(name, str):
-            raise _fail(path, where, f"'name' must be a string, got {reprlib.repr(name)}")
-        if int(cid) in seen:
-            raise _fail(path, where, f"duplicate category id {int(cid)}")
-        seen.add(int(cid))
-    return [{**c, "id": int(c["id"])} for c in categories]
 
 
 def _error_offset(message: str, chunk: bytes, chunk_start: int) -> int | None:
@@ -325,67 +151,74 @@ def _items(path: Path, prefix: str) -> Iterator[Any]:
             raise _fail(path, where, f"invalid JSON: {reason}") from None
 
 
-def _top_level_types(path: Path) -> dict[str, str]:
-    """Top-level key -> JSON type: a slower event pass, run only when a needed array was empty."""
-    types: dict[str, str] = {}
-    key = None
-    for prefix, event, value in ijson_backend().parse(open(path, "rb")):
-        if prefix == "" and event == "map_key":
-            key = value
-        elif prefix == key and key is not None:
-            types[key] = {"start_array": "array", "start_map": "object"}.get(event, event)
-            key = None
-    return types
+class _RawWriter:
+    """Appends converted batches of one top-level array to a raw Parquet file."""
+
+    def __init__(self, path: Path, schema: pa.Schema, convert: Any, json_path: Path):
+        self.writer = pq.ParquetWriter(path, schema)
+        self.convert, self.json_path, self.count = convert, json_path, 0
+
+    def add(self, items: list, start: int) -> None:
+        # Numbered by this writer, not by `start`: a key given twice continues the numbering.
+        self.writer.write_table(self.convert(items, self.count, self.json_path))
+        self.count += len(items)
 
 
-def _check_top_level(path: Path) -> None:
-    """`images` and `annotations` must be top-level arrays (checked when one came out empty)."""
-    types = _top_level_types(path)
+def _raise_syntax_error(path: Path, problem: Exception) -> None:
+    """The file is not valid JSON: re-read it with ijson, whose error names the byte offset,
+    line and column; only when ijson accepts it, a message from our own scanner's view."""
+    for _ in _items(path, "\x00"):  # a prefix nothing matches: yajl only validates
+        pass
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"{"):
+        raise _fail(path, "byte 0", "the top level is not a JSON object")
+    raise _fail(path, "$", f"invalid JSON: {problem}")
+
+
+def _check_top_level(path: Path, kept: dict, types: dict) -> list[dict]:
+    if "categories" not in kept:
+        raise _fail(path, "$", "missing top-level key 'categories'")
+    categories = check_categories(kept["categories"], path)
     for key in ("images", "annotations"):
         if key not in types:
             raise _fail(path, "$", f"missing top-level key {key!r}")
         if types[key] != "array":
             raise _fail(path, key, f"expected an array, got {types[key]}")
+    return categories
 
 
 def build_index(json_path: Path, folder: Path, memory_limit: str = "256MB") -> CocoIndex:
-    """Stream `json_path` into `folder`/{images,annotations}.parquet. Memory: one batch of rows.
+    """Read `json_path` once into `folder`/{images,annotations,orphans}.parquet.
 
-    Three C-speed ijson passes (categories, images, annotations): the C tokenizer is far faster than
-    routing every JSON event through Python to split one pass three ways.
+    Memory: one text chunk, one batch of BATCH_ROWS entries, and DuckDB's `memory_limit` while it
+    sorts (it spills to disk beyond).
     """
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"annotation file not found: {json_path}")
     folder.mkdir(parents=True, exist_ok=True)
-    found = list(_items(json_path, "categories"))
-    if not found:
-        with open(json_path, "rb") as f:
-            head = f.read(4096).lstrip()
-        if not head.startswith(b"{"):
-            raise _fail(json_path, "byte 0", "the top level is not a JSON object")
-        raise _fail(json_path, "$", "missing top-level key 'categories'")
-    categories = _check_categories(found[0], json_path)
-    counts = []
-    for name, prefix, schema, to_row in (
-        ("raw_images", "images.item", IMAGES_SCHEMA, _image_row),
-        ("raw_anns", "annotations.item", ANNS_SCHEMA, _ann_row),
-    ):
-        sink = _ParquetSink(folder / f"{name}.parquet", schema)
-        try:
-            for i, item in enumerate(_items(json_path, prefix)):
-                sink.add(to_row(item, i, json_path))
-        finally:
-            sink.close()
-        counts.append(sink.count)
-    index = CocoIndex(json_path, folder, categories, counts[0], counts[1])
-    if not (index.n_images and index.n_annotations):
-        _check_top_level(json_path)
-    _group(folder, memory_limit)
+    writers = {
+        "images": _RawWriter(folder / "raw_images.parquet", IMAGES_SCHEMA, image_table, json_path),
+        "annotations": _RawWriter(folder / "raw_anns.parquet", ANNS_SCHEMA, ann_table, json_path),
+    }
+    try:
+        with paused_gc():
+            kept, types = scan(json_path, {k: w.add for k, w in writers.items()},
+                               ("categories",), BATCH_ROWS)
+    except (SyntaxProblem, UnicodeDecodeError) as e:
+        _raise_syntax_error(json_path, e)
+        raise AssertionError("unreachable") from None
+    finally:
+        for w in writers.values():
+            w.writer.close()
+    categories = _check_top_level(json_path, kept, types)
+    n_orphans = _group(folder, memory_limit)
+    index = CocoIndex(json_path, folder, categories, writers["images"].count,
+                      writers["annotations"].count, n_orphans)
     log.info("indexed %s: %d images, %d annotations, %d categories", json_path, index.n_images,
              index.n_annotations, len(index.categories))
     return index
-
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -415,13 +248,22 @@ def _connect(folder: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-# Images in file order, flagged when their id was already used by an earlier entry.
+# Images in file order, flagged when their id was already used by an earlier entry (their
+# annotations go to the first), with where their annotations are in the sorted file.
 IMAGES_SQL = """
 COPY (
-    SELECT i.ord, i.key, i.file_name, i.width, i.height, i.ord <> f.first_ord AS duplicate
+    WITH first_image AS (
+        SELECT key, min(ord) AS first_ord FROM read_parquet('{raw_images}') GROUP BY key),
+    counts AS (
+        SELECT f.first_ord, count(*) AS n FROM read_parquet('{raw_anns}') a
+        JOIN first_image f ON a.image_key = f.key GROUP BY f.first_ord)
+    SELECT i.ord, i.key, i.file_name, i.width, i.height, i.ord <> f.first_ord AS duplicate,
+           CAST(coalesce(sum(c.n) OVER (ORDER BY i.ord ROWS BETWEEN UNBOUNDED PRECEDING
+                                        AND 1 PRECEDING), 0) AS BIGINT) AS ann_start,
+           CAST(coalesce(c.n, 0) AS BIGINT) AS ann_count
     FROM read_parquet('{raw_images}') i
-    JOIN (SELECT key, min(ord) AS first_ord FROM read_parquet('{raw_images}') GROUP BY key) f
-      ON i.key = f.key
+    JOIN first_image f ON i.key = f.key
+    LEFT JOIN counts c ON c.first_ord = i.ord
     ORDER BY i.ord
 ) TO '{images}' (FORMAT parquet, ROW_GROUP_SIZE {row_group})
 """
@@ -445,55 +287,109 @@ COPY (
 ) TO '{anns}' (FORMAT parquet, ROW_GROUP_SIZE {row_group})
 """
 
+# One row per unknown image id, in the order of the sorted file's tail (by id text).
+ORPHANS_SQL = """
+COPY (
+    WITH orphan AS (
+        SELECT image_key AS key, count(*) AS n FROM read_parquet('{raw_anns}')
+        WHERE image_key NOT IN (SELECT key FROM read_parquet('{raw_images}')) GROUP BY image_key)
+    SELECT CAST(NULL AS BIGINT) AS ord, key, '' AS file_name, CAST(NULL AS BIGINT) AS width,
+           CAST(NULL AS BIGINT) AS height, false AS duplicate,
+           CAST({matched} + coalesce(sum(n) OVER (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING
+                                                  AND 1 PRECEDING), 0) AS BIGINT) AS ann_start,
+           CAST(n AS BIGINT) AS ann_count
+    FROM orphan ORDER BY key
+) TO '{orphans}' (FORMAT parquet, ROW_GROUP_SIZE {row_group})
+"""
 
-def _group(folder: Path, memory_limit: str) -> None:
+
+def _group(folder: Path, memory_limit: str) -> int:
     """Sort once, out of core: DuckDB spills to `folder`/duckdb_tmp beyond `memory_limit`.
+    Returns the number of orphan groups (unknown image ids).
 
-    Reading records later is then a merge of two Parquet files already in order: no sort, no
-    DuckDB, a few batches of memory, however often `records()` is called.
+    Reading records later is then a slice of files already in order: no sort, no DuckDB, a few
+    row groups of memory, however often and wherever `read_records` is called.
     """
     paths = {"raw_images": folder / "raw_images.parquet", "raw_anns": folder / "raw_anns.parquet",
-             "images": folder / "images.parquet", "anns": folder / "annotations.parquet"}
+             "images": folder / "images.parquet", "anns": folder / "annotations.parquet",
+             "orphans": folder / "orphans.parquet"}
     con = _connect(folder, memory_limit)
     try:
         # Small row groups: a reader decodes a whole row group at a time.
-        sql = {**{k: v.as_posix() for k, v in paths.items()}, "row_group": BATCH_ROWS}
+        sql = {**{k: v.as_posix() for k, v in paths.items()}, "row_group": ROW_GROUP}
         con.execute(IMAGES_SQL.format(**sql))
         con.execute(GROUPED_SQL.format(**sql))
+        (matched,), = con.execute(
+            f"SELECT coalesce(sum(ann_count), 0) FROM read_parquet('{sql['images']}')").fetchall()
+        con.execute(ORPHANS_SQL.format(**sql, matched=int(matched)))
+        (n_orphans,), = con.execute(
+            f"SELECT count(*) FROM read_parquet('{sql['orphans']}')").fetchall()
     finally:
         con.close()
     paths["raw_images"].unlink()
     paths["raw_anns"].unlink()
     shutil.rmtree(folder / "duckdb_tmp", ignore_errors=True)
+    return int(n_orphans)
 
 
-def _parquet_rows(path: Path) -> Iterator[dict]:
-    for batch in pq.ParquetFile(path).iter_batches(READ_ROWS):
-        columns = batch.to_pydict()
-        for values in zip(*columns.values(), strict=True):
-            yield dict(zip(columns, values, strict=True))
+# The columns of a record row: an image, or an orphan group (annotations of an unknown image id:
+# ord null, no file); ann_start/ann_count: its rows in annotations.parquet.
+RECORD_SCHEMA = pa.schema(
+    [("ord", pa.int64()), ("key", pa.string()), ("file_name", pa.string()),
+     ("width", pa.int64()), ("height", pa.int64()), ("duplicate", pa.bool_()),
+     ("ann_start", pa.int64()), ("ann_count", pa.int64())]
+)
 
 
-def iter_groups(index: CocoIndex) -> Iterator[tuple[dict, list[dict]]]:
-    """Yield (image row, annotation rows) in `images` order, then (orphan row, rows) per unknown id.
+class _RowRanges:
+    """Row ranges of one Parquet file, read by row group (a unit touches one or two)."""
 
-    An image row has ord, key, file_name, width, height and `duplicate` (its id was seen before; its
-    annotations go to the first occurrence). An orphan row has ord None, the unknown key, no file.
-    Annotation rows carry `duplicate` (their annotation id was seen before) and scan-time `error`.
-    Both files are already in this order (see `_group`), so this is a streaming merge.
-    """
-    anns = _parquet_rows(index.annotations)
-    pending = next(anns, None)
-    for image in _parquet_rows(index.images):
-        group = []
-        while pending is not None and pending["img_ord"] == image["ord"]:
-            group.append(pending)
-            pending = next(anns, None)
-        yield image, group
-    while pending is not None:  # annotations whose image id is not in `images`
-        key, group = pending["image_key"], []
-        while pending is not None and pending["image_key"] == key:
-            group.append(pending)
-            pending = next(anns, None)
-        yield {"ord": None, "key": key, "file_name": "", "width": None, "height": None,
-               "duplicate": False}, group
+    def __init__(self, path: Path):
+        self.file = pq.ParquetFile(path)
+        meta = self.file.metadata
+        sizes = (meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        self.starts = list(accumulate(sizes, initial=0))
+
+    def read(self, lo: int, hi: int) -> pa.Table:
+        if hi <= lo:
+            return self.file.schema_arrow.empty_table()
+        first = bisect_right(self.starts, lo) - 1
+        last = bisect_right(self.starts, hi - 1) - 1
+        table = self.file.read_row_groups(list(range(first, last + 1)))
+        return table.slice(lo - self.starts[first], hi - lo)
+
+
+@lru_cache(maxsize=8)
+def _ranges(path: Path, size: int, mtime_ns: int) -> _RowRanges:
+    """One open file per worker process (its footer is parsed once, not once per unit)."""
+    return _RowRanges(path)
+
+
+def _open(path: Path) -> _RowRanges:
+    stat = path.stat()
+    return _ranges(path, stat.st_size, stat.st_mtime_ns)
+
+
+def read_records(index: CocoIndex, first: int, last: int) -> tuple[pa.Table, pa.Table]:
+    """Records [first, last) of the index (images in file order, then orphan groups): their rows
+    (RECORD_SCHEMA) and their annotation rows, in the same order (record i's are the next
+    `ann_count[i]`)."""
+    n = index.n_images
+    last = min(last, index.n_records)
+    parts = []
+    if first < n:
+        parts.append(_open(index.images).read(first, min(last, n)).cast(RECORD_SCHEMA))
+    if last > n:
+        parts.append(_open(index.orphans).read(max(first - n, 0), last - n).cast(RECORD_SCHEMA))
+    records = pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
+    if not records.num_rows:
+        return records, _open(index.annotations).read(0, 0)
+    starts, counts = records.column("ann_start"), records.column("ann_count")
+    lo, hi = starts[0].as_py(), starts[-1].as_py() + counts[-1].as_py()
+    return records, _open(index.annotations).read(lo, hi)
+
+
+def iter_records(index: CocoIndex, step: int = READ_IMAGES) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """`read_records` over the whole index, `step` records at a time."""
+    for first in range(0, index.n_records, step):
+        yield read_records(index, first, first + step)
