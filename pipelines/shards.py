@@ -9,6 +9,9 @@ Layout of an output folder:
     images/part-NNNNN.parquet     one row per image of unit N
     objects/part-NNNNN.parquet    one row per object of unit N, sorted by image_id
     _plan/plan.parquet            the work units (see pipelines/plan.py)
+    _plan/coco-index-*/           the sorted annotation index a COCO-like source's units point into
+    _images/                      images a source had embedded (hf), written out for every reader
+    README.md, stats.json         the dataset card and run statistics, written at the end
 
 A unit counts as done only when its entry is in the manifest (or the unit log, which is merged into
 it on load) and both files still match their
