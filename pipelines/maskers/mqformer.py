@@ -1,35 +1,39 @@
 """`mqformer` masker: a trained MQ-Former (`engine train`'s last.pt) as a box-prompted masker.
 
 Method: run the model once per image (all of its boxes share one forward pass) and, for each
-prompt box, take the predicted mask whose tight box best matches the prompt box by IoU, then
-restrict that mask to the prompt box grown by `margin` (a fraction of its width/height on each
-side). Why not the box as a conditional query: MQ-Former's queries come from text-scored encoder
-tokens and learned embeddings (model/queries.py); no box prompt or denoising query was ever
-trained, so a box fed as a query would be out of distribution, and adding one means editing the
-decoder. Matching needs only the model's own outputs.
+prompt box, take the query whose binary mask has the highest IoU with the filled prompt box, then
+keep that mask's pixels inside the box grown by `margin` (a fraction of its width/height per side).
+Why not the box as a conditional query: MQ-Former's queries come from text-scored encoder tokens
+and learned embeddings (model/queries.py); no box prompt or denoising query was ever trained, so a
+box fed as a query would be out of distribution, and adding one means editing the decoder.
+Matching needs only the model's own outputs.
+
+Why mask-vs-box IoU and margin 0 (bench/flywheel.py, bench/results/flywheel.json: a tiny model
+trained 500 steps on GrabCut masks of 80 scenes, 82 held-out objects, mean IoU vs exact masks):
+matching by IoU of the mask's tight box with the prompt box scored 0.414 (margin 0), 0.389 (0.1),
+0.348 (no window): one stray pixel stretches a tight box, so a query covering the object plus a
+speck elsewhere loses to a worse one. IoU of the mask itself with the filled box scored 0.526
+(margin 0) and 0.513 (0.1). The scene boxes are tight, so a margin only lets neighbours in.
 
 - Texts: the masker contract carries no category, so the model scores the fixed foreground prompt
   (model.data.FOREGROUND_PROMPT); only the conditional queries' selection depends on it, and the
   matching is geometric.
 - Preprocessing and the forward pass are `engine predict`'s (model.predict.predict_sample,
   model.inference.run_model: long side resized to the training input size, padded square, bf16
-  autocast on CUDA). Matching uses each query's binary mask (logit > 0) at the model's mask
-  resolution (stride 4 of the padded input), its tight box mapped to the original frame by
-  model.inference.boxes_to_original. The matched query's logits are then upsampled to the padded
-  input, unpadded and resized to the image (bilinear) and thresholded at 0 inside the window.
-- Ties in box IoU go to the higher mask score. Two prompt boxes may take the same query.
+  autocast on CUDA). Matching runs at the model's mask resolution (stride 4 of the padded input):
+  a prompt box covers the cells whose centres it holds (at least the one under its centre). The
+  matched query's logits are then upsampled to the padded input (bilinear, as postprocess does),
+  unpadded and resized to the image, and thresholded at 0 inside the window.
+- Ties go to the higher mask score. Two prompt boxes may take the same query.
 - Scores: pred_iou = the matched query's mask score as model/postprocess.py instance_inference
-  computes it (mean probability inside its binary mask, here the restricted mask); stability =
-  segment-anything's stability score of the restricted logits (offset 1.0, pipelines/maskers/
+  computes it (mean probability inside its binary mask, here the windowed mask); stability =
+  segment-anything's stability score of the windowed logits (offset 1.0, pipelines/maskers/
   scores.py).
-- A box whose best IoU is 0 (no predicted mask overlaps it) or whose restricted mask is empty has
-  no usable prediction: it gets the filled box, named `mqformer:<id>+box-fallback` in
-  MaskOutput.origins with NaN scores (filtered as mask_fallback unless --keep-fallback).
+- A box whose best IoU is 0 (no predicted mask touches it) or whose windowed mask is empty has no
+  usable prediction: it gets the filled box, named `mqformer:<id>+box-fallback` in
+  MaskOutput.origins, with NaN scores (filtered as mask_fallback unless --keep-fallback).
 - Provenance: `mqformer:<id>`, id = the folder name of the training run (the checkpoint's
   config out_dir), else the checkpoint's file stem.
-
-Measured (bench/flywheel.py, results in bench/results/flywheel.json): the margin is chosen there
-by held-out mIoU against exact scene masks.
 
 Coordinates: image (H, W, 3) uint8 RGB; boxes (N, 4) XYXY absolute pixels; masks (N, H, W) bool.
 """
@@ -46,38 +50,41 @@ from pipelines.maskers.box import box_pixels
 from pipelines.masksets import CropMasks
 
 BOX_FALLBACK = "box-fallback"
-MARGIN = 0.1  # window = box grown by 10% of its side on each side (bench/flywheel.py)
+MARGIN = 0.0  # the window is the box itself: best of 0 / 0.1 / none (bench/flywheel.py)
 
 
-def mask_boxes(binary: np.ndarray, scale: float) -> np.ndarray:
-    """(Q, h, w) bool masks -> (Q, 4) XYXY tight boxes in pixels of a frame `scale` times larger
-    (a mask pixel j covers [j * scale, (j + 1) * scale)); an empty mask gets a zero box."""
-    boxes = np.zeros((len(binary), 4), np.float64)
-    for q, mask in enumerate(binary):
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        if rows.size:
-            boxes[q] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes * scale
+def box_cells(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """(r0, r1, c0, c1) of the cells of a (height, width) grid whose centres lie in the XYXY box
+    (grid units); at least the cell under the box's centre, so a box smaller than a cell still
+    has one."""
+    r0, r1, c0, c1 = box_pixels(height, width, box)
+    cy, cx = (box[1] + box[3]) / 2, (box[0] + box[2]) / 2
+    if r1 <= r0:
+        r0 = min(max(int(cy), 0), height - 1)
+        r1 = r0 + 1
+    if c1 <= c0:
+        c0 = min(max(int(cx), 0), width - 1)
+        c1 = c0 + 1
+    return r0, r1, c0, c1
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(Q, 4) x (N, 4) XYXY -> (Q, N) IoU; zero-area boxes have IoU 0 with everything."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def match_boxes(query_boxes: np.ndarray, prompts: np.ndarray,
+def match_masks(binary: np.ndarray, prompts: np.ndarray,
                 scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each prompt box the query whose box has the highest IoU with it (ties: higher score).
+    """For each prompt box (XYXY in cells of the (h, w) mask grid) the query whose binary mask
+    (Q, h, w) has the highest IoU with the filled box (ties: higher score).
     -> (N,) query index, (N,) that IoU."""
-    iou = box_iou(query_boxes, prompts)
+    q, h, w = binary.shape
+    inside = np.zeros((len(prompts), h, w), np.float32)
+    for n, box in enumerate(prompts):
+        r0, r1, c0, c1 = box_cells(box, h, w)
+        inside[n, r0:r1, c0:c1] = 1
+    flat = binary.reshape(q, -1).astype(np.float32)
+    inside = inside.reshape(len(prompts), -1)
+    inter = flat @ inside.T  # (Q, N)
+    union = flat.sum(1)[:, None] + inside.sum(1)[None, :] - inter
+    iou = inter / np.maximum(union, 1)
     best = np.array([np.lexsort((-scores, -iou[:, n]))[0] for n in range(len(prompts))], int)
-    return best, iou[best, np.arange(len(prompts))] if len(prompts) else np.zeros(0)
+    return best, iou[best, np.arange(len(prompts))]
 
 
 def window(box: np.ndarray, height: int, width: int, margin: float | None):
@@ -136,16 +143,15 @@ class MQFormerMasker:
         return output["pred_masks"]
 
     def _match(self, logits: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from model.inference import boxes_to_original
-
+        """Prompt boxes -> the mask grid's cells (original px -> resized input px -> stride), then
+        match_masks against the queries' binary masks."""
+        geo, stride = self._geo, self.image_size / logits.shape[-1]
+        scale = np.array([geo.resized_width / geo.width, geo.resized_height / geo.height] * 2)
         binary = (logits > 0).numpy()
-        xyxy = mask_boxes(binary, self.image_size / logits.shape[-1])
-        xywh = boxes_to_original(torch.from_numpy(xyxy), self._geo)
-        query_boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
         prob = logits.sigmoid().numpy()
-        score = (prob * binary).reshape(len(prob), -1).sum(1) / (binary.reshape(len(prob), -1)
-                                                                 .sum(1) + 1e-6)
-        return match_boxes(query_boxes, boxes, score)
+        area = binary.reshape(len(binary), -1).sum(1)
+        score = (prob * binary).reshape(len(prob), -1).sum(1) / (area + 1e-6)
+        return match_masks(binary, boxes * scale / stride, score)
 
     def _to_image(self, logits: torch.Tensor, height: int, width: int) -> np.ndarray:
         """(h, w) logits at stride 4 -> (height, width) float32 logits of the original image."""

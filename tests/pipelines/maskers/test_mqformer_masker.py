@@ -29,13 +29,17 @@ RECTS = [((1, 5), (1, 7), 10.0),     # q0: image box x[4, 28] y[4, 20]
          (None, None, 10.0),         # q2: empty
          ((1, 5), (1, 4), 10.0),     # q3: x[4, 16] y[4, 20], a worse match for A than q0
          ((9, 13), (1, 5), 10.0),    # q4: x[4, 20] y[36, 52]
-         ((9, 13), (1, 5), 3.0)]     # q5: the same box as q4, lower mask score
-PROMPTS = np.array([[5, 5, 27, 19],      # A -> q0 (IoU 0.80; q3 0.45)
+         ((9, 13), (1, 5), 3.0),     # q5: the same box as q4, lower mask score
+         ((5, 9), (8, 16), 10.0),    # q6: solid x[32, 64] y[20, 36], hollowed below
+         ((5, 9), (9, 15), 10.0)]    # q7: solid x[36, 60] y[20, 36]
+# Box -> cells of the 16 x 16 grid whose centres (4j + 2 px) it holds; IoU of masks with them.
+PROMPTS = np.array([[5, 5, 27, 19],      # A -> q0 (IoU 1; q3 0.5)
                     [44, 36, 64, 60],    # B -> q1, mask cut to B's window
                     [36, 4, 60, 20],     # C: no mask overlaps -> box fallback
-                    [4, 36, 20, 52]],    # E: q4 and q5 tie at IoU 1 -> q4 (higher score)
-                   dtype=np.float64)
-EXPECTED_QUERY = [0, 1, None, 4]
+                    [4, 36, 20, 52],     # E: q4 and q5 tie at IoU 1 -> q4 (higher score)
+                    [32, 20, 64, 36]],   # F: q6's frame has F's tight box (tight-box IoU 1) but
+                   dtype=np.float64)     # fills 20 of its 32 cells (0.625); q7 fills 24 (0.75)
+EXPECTED_QUERY = [0, 1, None, 4, 7]
 
 
 def _oracle_logits() -> torch.Tensor:
@@ -44,6 +48,7 @@ def _oracle_logits() -> torch.Tensor:
         logits[q] = -amp
         if rows is not None:
             logits[q, rows[0]:rows[1], cols[0]:cols[1]] = amp
+    logits[6, 6:8, 9:15] = -10.0  # q6: only the frame of its rectangle
     return logits
 
 
@@ -74,7 +79,7 @@ def _window(box, margin=0.1):
 
 def test_oracle_matching_window_scores_and_fallback():
     model = OracleModel()
-    masker = MQFormerMasker(model, "mqformer:oracle", image_size=64, device="cpu")
+    masker = MQFormerMasker(model, "mqformer:oracle", image_size=64, device="cpu", margin=0.1)
     image = np.zeros((64, 64, 3), np.uint8)
     out = masker(image, PROMPTS)
     assert model.calls == 1  # one forward pass for all of the image's boxes
@@ -102,7 +107,7 @@ def test_oracle_matching_window_scores_and_fallback():
         assert out.pred_iou[n] == pytest.approx(prob.mean(), rel=1e-5)
         assert out.stability[n] == pytest.approx((logits > 1).sum() / (logits > -1).sum())
     assert out.origins == ["mqformer:oracle", "mqformer:oracle", "mqformer:oracle+box-fallback",
-                           "mqformer:oracle"]
+                           "mqformer:oracle", "mqformer:oracle"]
     # B's window cut q1's mask: its left columns stay outside
     assert masks[1].sum() < (6 * 4) * (8 * 4)
 
@@ -110,12 +115,24 @@ def test_oracle_matching_window_scores_and_fallback():
 def test_oracle_maps_a_non_square_image_back_to_its_frame():
     """A 32 x 64 image is padded to 64 x 64: only the top half is image. q1 lies in the padding,
     so only queries inside the image can match; the masks are (32, 64)."""
-    masker = MQFormerMasker(OracleModel(), "mqformer:oracle", image_size=64, device="cpu")
+    masker = MQFormerMasker(OracleModel(), "mqformer:oracle", image_size=64, device="cpu",
+                            margin=0.1)
     out = masker(np.zeros((32, 64, 3), np.uint8), PROMPTS[[0]])
     full = F.interpolate(_oracle_logits()[None], size=(64, 64), mode="bilinear",
                          align_corners=False)[0].numpy()
     np.testing.assert_array_equal(out.dense()[0], (full[0] > 0)[:32] & _window(PROMPTS[0])[:32])
     assert out.origins is None
+
+
+def test_a_box_smaller_than_a_cell_still_matches():
+    """A 3 x 3 px box between cell centres (4j + 2 px) holds none of the stride-4 grid's: it
+    takes the cell under its centre, so it matches q0 instead of falling back."""
+    masker = MQFormerMasker(OracleModel(), "mqformer:oracle", image_size=64, device="cpu")
+    out = masker(np.zeros((64, 64, 3), np.uint8), np.array([[10.5, 10.5, 13.5, 13.5]]))
+    assert out.origins is None
+    expected = np.zeros((64, 64), bool)
+    expected[11:14, 11:14] = True  # q0's pixels inside the box (margin 0)
+    np.testing.assert_array_equal(out.dense()[0], expected)
 
 
 def test_no_boxes_gives_no_masks():
@@ -168,10 +185,9 @@ def test_synthesize_with_mqformer_end_to_end(trained):
         decoded = mask_utils.decode(rle)
         assert decoded.shape == (height, width)
         assert decoded.any()
-        x, y, w, h = mask_utils.toBbox(rle)  # inside the prompt box grown by the 10% margin
+        x, y, w, h = mask_utils.toBbox(rle)  # inside the prompt box (default margin 0)
         bx, by, bw, bh = box
-        assert x >= bx - 0.1 * bw - 1 and x + w <= bx + 1.1 * bw + 1
-        assert y >= by - 0.1 * bh - 1 and y + h <= by + 1.1 * bh + 1
+        assert bx - 1 <= x and x + w <= bx + bw + 1 and by - 1 <= y and y + h <= by + bh + 1
         if origin.endswith("+box-fallback"):
             assert status == "filtered" and code == "mask_fallback" and not keep
             assert pred_iou is None or np.isnan(pred_iou)
