@@ -114,7 +114,7 @@ def tight_box_variant(masker):
 
     from model.inference import boxes_to_original
 
-    def match(logits, boxes):
+    def match(logits, boxes, geo):
         binary = (logits > 0).numpy()
         stride = masker.image_size / logits.shape[-1]
         xyxy = np.zeros((len(binary), 4))
@@ -122,7 +122,7 @@ def tight_box_variant(masker):
             rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
             if rows.size:
                 xyxy[q] = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]) * stride
-        xywh = boxes_to_original(torch.from_numpy(xyxy), masker._geo)
+        xywh = boxes_to_original(torch.from_numpy(xyxy), geo)
         qb = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
         lt = np.maximum(qb[:, None, :2], boxes[None, :, :2])
         rb = np.minimum(qb[:, None, 2:], boxes[None, :, 2:])

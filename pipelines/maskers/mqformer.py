@@ -116,14 +116,14 @@ class MQFormerMasker:
         boxes, nothing = check_prompt(image, boxes)
         if nothing is not None:
             return nothing
-        logits = self._mask_logits(image)  # (Q, h, w) at stride 4 of the padded input
-        best, iou = self._match(logits, boxes)
+        logits, geo = self._mask_logits(image)  # (Q, h, w) at stride 4 of the padded input
+        best, iou = self._match(logits, boxes, geo)
         height, width = image.shape[:2]
         crops: list = [None] * len(boxes)
         pred_iou = np.full(len(boxes), np.nan, np.float32)
         stability = pred_iou.copy()
         for q in np.unique(best):
-            full = self._to_image(logits[q], height, width)
+            full = self._to_image(logits[q], geo)
             for n in np.flatnonzero((best == q) & (iou > 0)):
                 rows, cols = window(boxes[n], height, width, self.margin)
                 part = full[rows, cols]
@@ -132,20 +132,21 @@ class MQFormerMasker:
                     pred_iou[n], stability[n] = _scores(part)
         return self._with_fallbacks(crops, boxes, height, width, pred_iou, stability)
 
-    def _mask_logits(self, image: np.ndarray) -> torch.Tensor:
+    def _mask_logits(self, image: np.ndarray):
+        """One forward pass -> ((Q, h, w) mask logits, the image's placement in the input)."""
         from model.data import FOREGROUND_PROMPT
         from model.inference import run_model
         from model.predict import predict_sample
 
         sample = predict_sample(image, [FOREGROUND_PROMPT], self.image_size)
-        self._geo = sample["geometry"]
         _, output = next(run_model(self.model, [sample], self.device, 1))
-        return output["pred_masks"]
+        return output["pred_masks"], sample["geometry"]
 
-    def _match(self, logits: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _match(self, logits: torch.Tensor, boxes: np.ndarray,
+               geo) -> tuple[np.ndarray, np.ndarray]:
         """Prompt boxes -> the mask grid's cells (original px -> resized input px -> stride), then
         match_masks against the queries' binary masks."""
-        geo, stride = self._geo, self.image_size / logits.shape[-1]
+        stride = self.image_size / logits.shape[-1]
         scale = np.array([geo.resized_width / geo.width, geo.resized_height / geo.height] * 2)
         binary = (logits > 0).numpy()
         prob = logits.sigmoid().numpy()
@@ -153,13 +154,13 @@ class MQFormerMasker:
         score = (prob * binary).reshape(len(prob), -1).sum(1) / (area + 1e-6)
         return match_masks(binary, boxes * scale / stride, score)
 
-    def _to_image(self, logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+    def _to_image(self, logits: torch.Tensor, geo) -> np.ndarray:
         """(h, w) logits at stride 4 -> (height, width) float32 logits of the original image."""
         from model import transforms as T
         from model.postprocess import upsample
 
         size = (self.image_size, self.image_size)
-        return T.unpad_resize(upsample(logits[None], size).numpy(), self._geo)[0]
+        return T.unpad_resize(upsample(logits[None], size).numpy(), geo)[0]
 
     def _with_fallbacks(self, crops, boxes, height, width, pred_iou, stability) -> MaskOutput:
         """Boxes without a usable prediction get the filled box, named as a substitute."""
