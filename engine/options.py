@@ -82,6 +82,7 @@ SYNTHESIZE_FLAGS = (
     Flag("sam_checkpoint", M, MODELS, "segment-anything checkpoint."),
     Flag("sam_model", M, MODELS, "SAM variant: vit_b, vit_l, vit_h (tiny: tests)."),
     Flag("mask_model", M, MODELS, "transformers SAM/SAM2 folder."),
+    Flag("mask_checkpoint", M, MODELS, "mqformer: an `engine train` checkpoint (last.pt)."),
     Flag("caption_model", C, MODELS, "transformers captioner folder."),
     Flag("captions_per_object", C, MODELS, "Captions kept per object."),
     Flag("device", MC, MODELS, "cpu, cuda or auto (models only)."),

@@ -72,6 +72,7 @@ class MaskerConfig:
     box_chunk: int = 64  # SAM family: most boxes decoded together per image
     sam_sdpa: bool = False  # sam: fused attention in the image encoder (same masks, faster on GPU)
     sam_compile: bool = False  # sam: torch.compile the image encoder (first image pays compile)
+    mask_checkpoint: Path | None = None  # mqformer: an `engine train` checkpoint (last.pt)
 
 
 def _box(cfg: MaskerConfig) -> Masker:
@@ -120,12 +121,19 @@ def _sam2(cfg: MaskerConfig) -> Masker:
     return build_hf_sam_masker(cfg.mask_model, "sam2", **_model_options(cfg))
 
 
+def _mqformer(cfg: MaskerConfig) -> Masker:
+    from pipelines.maskers.mqformer import build_mqformer_masker
+
+    return build_mqformer_masker(cfg.mask_checkpoint, cfg.device)
+
+
 MASKERS: dict[str, Callable[[MaskerConfig], Masker]] = {
     "grabcut": _grabcut,
     "box": _box,
     "sam": _sam,
     "hf-sam": _hf_sam,
     "sam2": _sam2,
+    "mqformer": _mqformer,
 }
 
 
