@@ -172,6 +172,21 @@ def input_files(source) -> list[Path]:
     return [path]
 
 
+def model_files(cfg: SynthesizeConfig) -> list[Path]:
+    """The weights a run's models load (a checkpoint file or every file of a model folder): their
+    content enters the fingerprint too, so a new `last.pt` at the same path is a new run, not a
+    resume that labels new masks with the old model's provenance."""
+    paths = [cfg.masker.sam_checkpoint, cfg.masker.mask_model,
+             getattr(cfg.masker, "mask_checkpoint", None), cfg.captioner.caption_model]
+    files: list[Path] = []
+    for path in (Path(p) for p in paths if p is not None):
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file())
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
 def input_fingerprint(files: list[Path], previous: dict | None = None) -> dict:
     """{path: {size, sha256}} of the annotation files, and their mtimes apart (`mtime_ns`): a file
     whose path, size and mtime match `previous` (the manifest's record) keeps its recorded sha256
@@ -214,7 +229,7 @@ def _changed_message(out: Path, old: dict, new: dict) -> str:
                          {k: v for k, v in new.items() if k != "inputs"})
     what = []
     if files:
-        what.append(f"the annotation file changed since that run started: {', '.join(files)}")
+        what.append(f"an input file changed since that run started: {', '.join(files[:3])}")
     if others:
         what.append("other settings: " + ", ".join(others[:6]))
     detail = "; ".join(what) or "see its manifest"
@@ -304,7 +319,7 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
     manifest = Manifest.load(cfg.out)
     old = manifest.data if manifest is not None else {}
     resolved = resolved_config(cfg, source)
-    inputs = input_fingerprint(input_files(source), old.get("inputs"))
+    inputs = input_fingerprint(input_files(source) + model_files(cfg), old.get("inputs"))
     resolved["inputs"] = inputs["files"]
     fp = fingerprint(resolved)
     if manifest is not None and manifest.data.get("fingerprint") != fp:

@@ -174,7 +174,7 @@ def test_an_edited_annotation_file_is_refused_naming_it(dataset, tmp_path):
     data = json.loads(ann.read_text())
     data["annotations"][0]["bbox"][2] += 5
     ann.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=f"annotation file changed.*{ann.name}"):
+    with pytest.raises(ValueError, match=f"an input file changed.*{ann.name}"):
         run(config(dataset, out))
 
 
@@ -294,3 +294,19 @@ def test_a_missing_annotation_file_is_named_before_anything_else(dataset, tmp_pa
     with pytest.raises(FileNotFoundError, match="--annotations .*nope.json: no such file"):
         run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_new_weights_at_the_same_path_are_a_new_run_not_a_resume(dataset, tmp_path, monkeypatch):
+    """A masker's checkpoint is an input like the annotation file: replacing it is refused (its
+    masks would carry the old model's provenance), naming the file."""
+    from pipelines.maskers import MASKERS
+    from pipelines.maskers.box import BoxMasker
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"version 1")
+    monkeypatch.setitem(MASKERS, "fake", lambda cfg: BoxMasker())
+    masker = MaskerConfig(name="fake", sam_checkpoint=weights)
+    run(config(dataset, tmp_path / "out", masker=masker))
+    weights.write_bytes(b"version 2")
+    with pytest.raises(ValueError, match="an input file changed.*weights.pt"):
+        run(config(dataset, tmp_path / "out", masker=masker))
