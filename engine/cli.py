@@ -1,4 +1,5 @@
-"""The `engine` command line: synthesize | query | stats | export | show (COMMANDS at the bottom).
+"""The `engine` command line: synthesize | query | stats | export | show | report | train | eval |
+predict (COMMANDS at the bottom).
 
 Only this package parses flags. Each command turns its flags into the config dataclass of the code
 it runs. A user error (bad flag value, missing file, malformed input) exits with code 2 and one line
