@@ -8,6 +8,9 @@ proposals) the matcher assigns queries to targets, then:
               the matched masks; sum / num_masks. Box-only samples (has_masks False) are left out.
   loss_bbox, loss_giou: L1 and 1 - GIoU of the matched boxes (cxcywh in [0, 1]); sum / num_boxes.
 Keys of earlier stages get a suffix `_0`, `_1`, ... and the encoder proposals `_interm`.
+Denoising queries (model/denoising.py; present when the model was given targets with dn_groups
+> 0) get the same five terms against the target they are a noised copy of (no matching: query
+g * m + j <-> target j), normalised by groups x targets, under keys `<term>_dn`, `<term>_dn_0`, ...
 `loss` is the weighted total. The criterion also counts (the second value it returns), on the
 final stage, which query type matched each target, split by the target's is_thing flag (the paper's
 thing/stuff diagnostic), and, under `class/` keys, the sums behind matched-query class accuracy and
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from model.box_ops import giou_cxcywh
+from model.denoising import dn_indices
 from model.matcher import HungarianMatcher
 from model.points import point_sample, uncertain_points
 from model.queries import QUERY_TYPES
@@ -176,8 +180,27 @@ class SetCriterion(nn.Module):
             for k, v in self.stage_losses(stage, targets, indices, num_boxes, num_masks).items():
                 losses[k + suffix] = v
                 total = total + self.weights[k] * v
+        if "dn_outputs" in outputs:
+            total = total + self._dn_losses(stages, targets, outputs, num_boxes, num_masks, losses)
         losses["loss"] = total
         return losses, counts
+
+    def _dn_losses(self, stages: list[tuple[str, dict]], targets: list[dict], outputs: dict,
+                   num_boxes: float, num_masks: float, losses: dict) -> Tensor:
+        """Adds the denoising terms of every stage that has dn_outputs to `losses`; returns their
+        weighted sum."""
+        groups, per_group = outputs["dn_groups"], outputs["dn_per_group"]
+        indices = dn_indices(targets, groups, per_group)
+        total = outputs["pred_boxes"].new_zeros(())
+        for suffix, stage in stages:
+            if "dn_outputs" not in stage:
+                continue
+            terms = self.stage_losses(stage["dn_outputs"], targets, indices, num_boxes * groups,
+                                      num_masks * groups)
+            for k, v in terms.items():
+                losses[f"{k}_dn{suffix}"] = v
+                total = total + self.weights[k] * v
+        return total
 
 
 def check_targets(targets: list[dict], k_max: int) -> None:

@@ -111,7 +111,19 @@ def test_bad_inputs_raise(tiny):
         tiny(torch.randn(1, 3, 64, 64), [[]])
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         build_mqformer("huge", text_encoder=HashedBagOfWords())
-    assert set(MODEL_SIZES) == {"tiny", "r50", "swin-t", "swin-l"}
+    assert set(MODEL_SIZES) == {"tiny", "small", "r50", "swin-t", "swin-l"}
+
+
+def test_small_has_a_few_million_parameters_and_live_layer_scales():
+    torch.manual_seed(0)
+    model = build_mqformer("small", text_encoder=HashedBagOfWords(dim=24)).eval()
+    n = sum(p.numel() for p in model.parameters())
+    assert 2e6 < n < 6e6, n
+    gammas = [p for name, p in model.backbone.named_parameters() if name.endswith("gamma")]
+    assert gammas and all(float(g.min()) >= 0.1 for g in gammas)  # not timm's 1e-6 (issue 11)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 128, 128), TEXTS[:2])
+    assert out["pred_masks"].shape == (2, 30, 32, 32)
 
 
 def test_backbone_checkpoint_loads_real_weights(tmp_path):
