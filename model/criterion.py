@@ -28,7 +28,7 @@ from torchvision.ops import sigmoid_focal_loss
 from model.box_ops import giou_cxcywh
 from model.denoising import dn_indices
 from model.matcher import HungarianMatcher
-from model.points import point_sample, uncertain_points
+from model.points import grid_points, point_sample, uncertain_points
 from model.queries import QUERY_TYPES
 
 DEFAULT_WEIGHTS = {"loss_class": 4.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_bbox": 5.0,
@@ -110,8 +110,11 @@ class SetCriterion(nn.Module):
     def __init__(self, matcher: HungarianMatcher | None = None,
                  weights: dict[str, float] | None = None, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 alpha: float = 0.25, gamma: float = 2.0):
+                 alpha: float = 0.25, gamma: float = 2.0, full_mask: bool = False):
+        """full_mask: the mask losses on every pixel of the stride-4 prediction (targets read at
+        the pixel centres) instead of num_points importance-sampled points."""
         super().__init__()
+        self.full_mask = full_mask
         self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
         self.weights = dict(DEFAULT_WEIGHTS, **(weights or {}))
         unknown = set(self.weights) - set(DEFAULT_WEIGHTS)
@@ -147,8 +150,13 @@ class SetCriterion(nn.Module):
             loss["loss_giou"] = loss["loss_giou"] + (1 - giou).sum()
             if target["has_masks"]:
                 src_masks = masks[b, src]
-                pts = points[b] if points is not None else uncertain_points(
-                    src_masks, self.num_points, self.oversample, self.importance)
+                if points is not None:
+                    pts = points[b]
+                elif self.full_mask:
+                    pts = grid_points(len(src), *src_masks.shape[-2:], device=src_masks.device)
+                else:
+                    pts = uncertain_points(src_masks, self.num_points, self.oversample,
+                                           self.importance)
                 tgt_masks = target["masks"][tgt].to(src_masks.device)
                 bce, dice = mask_losses(src_masks, tgt_masks, pts)
                 loss["loss_mask"] = loss["loss_mask"] + bce

@@ -62,6 +62,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_iters
     grad_clip: float = 0.01            # full-model grad-norm clip (Mask DINO); 0 = off
     num_points: int = 12544            # points for mask cost and loss
+    full_mask_loss: bool = False       # mask losses on every stride-4 pixel instead of points
     log_interval: int = 10
     ckpt_interval: int = 500
     seed: int = 0
@@ -311,7 +312,8 @@ def train(config: TrainConfig, data,
                            text_encoder_path=config.text_encoder_path,
                            **config.model_options).to(device)
     criterion = SetCriterion(HungarianMatcher(num_points=config.num_points),
-                             weights=config.loss_weights, num_points=config.num_points)
+                             weights=config.loss_weights, num_points=config.num_points,
+                             full_mask=config.full_mask_loss)
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: get_lr(it, config))
     step = 0
