@@ -132,6 +132,7 @@ ARMS: dict[str, dict] = {
     "lr1e-3": dict(lr=1e-3),
     "steps4000": dict(steps=4000),
     "fullmask": dict(full_mask=True),
+    "center": dict(model_options={"center_texts": True}),
 }
 
 

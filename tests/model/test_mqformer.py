@@ -144,3 +144,25 @@ def test_backbone_checkpoint_loads_real_weights(tmp_path):
                            classifier.state_dict()["stem.0.weight"])
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         Backbone("test_convnext", (0, 1, 2, 3), checkpoint=tmp_path / "missing.pth")
+
+
+def test_centred_texts_ignore_what_all_of_a_samples_texts_share():
+    """With center_texts a vector added to every text of a sample (a shared prompt template)
+    leaves the class logits unchanged; without it the logits move."""
+    from model.heads import ClassHead
+
+    torch.manual_seed(0)
+    queries, texts = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    shared = torch.randn(2, 1, 16) * 3
+    centred, plain = ClassHead(16, center_texts=True), ClassHead(16)
+    plain.load_state_dict(centred.state_dict())
+    a, b = centred(queries, texts, mask), centred(queries, texts + shared, mask)
+    torch.testing.assert_close(a[mask[:, None].expand_as(a)], b[mask[:, None].expand_as(b)])
+    assert not torch.allclose(plain(queries, texts, mask)[:, :, :2],
+                              plain(queries, texts + shared, mask)[:, :, :2])
+    # a lone text (referring, foreground) is left as it is: centring would zero it
+    one = torch.tensor([[True, False, False]] * 2)
+    assert torch.isfinite(centred(queries, texts, one)[:, :, 0]).all()
+    torch.testing.assert_close(centred(queries, texts, one)[:, :, 0],
+                               plain(queries, texts, one)[:, :, 0])
