@@ -4,6 +4,7 @@ their losses, and an exact resume with them on."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from model.build import build_mqformer
@@ -139,3 +140,9 @@ def test_training_with_dn_resumes_exactly(tmp_path):
     rows_a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
+def test_resume_with_other_model_options_is_refused(tmp_path):
+    train(_config(tmp_path, max_iters=2, model_options={"dn_groups": 2}), FakeLoader())
+    with pytest.raises(ValueError, match="model_options"):
+        train(_config(tmp_path, max_iters=4, resume=True), FakeLoader())
