@@ -35,6 +35,11 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
                  d=32, mask_dim=32, enc_layers=1, enc_ffn=64, dec_layers=2, dec_ffn=64,
                  n_heads=4, n_points=2, num_learnable=10, num_conditional=20,
                  joint_self_attn=True, dropout=0.0, **_OPTIONS),
+    "r50": dict(_FULL, backbone="resnet50", out_indices=(1, 2, 3, 4), backbone_kwargs={}),
+    "swin-t": dict(_FULL, backbone="swin_tiny_patch4_window7_224", out_indices=(0, 1, 2, 3),
+                   backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
+    "swin-l": dict(_FULL, backbone="swin_large_patch4_window12_384", out_indices=(0, 1, 2, 3),
+                   backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
     # a few M parameters for CPU experiments (bench/ablation.py): ConvNeXt-atto (3.4M) with layer
     # scale 1.0 for random init, as tiny, and a 64-wide transformer
     "small": dict(backbone="convnext_atto", out_indices=(0, 1, 2, 3),
@@ -42,11 +47,6 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
                   d=64, mask_dim=64, enc_layers=2, enc_ffn=256, dec_layers=3, dec_ffn=256,
                   n_heads=4, n_points=4, num_learnable=10, num_conditional=20,
                   joint_self_attn=True, dropout=0.0, **_OPTIONS),
-    "r50": dict(_FULL, backbone="resnet50", out_indices=(1, 2, 3, 4), backbone_kwargs={}),
-    "swin-t": dict(_FULL, backbone="swin_tiny_patch4_window7_224", out_indices=(0, 1, 2, 3),
-                   backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
-    "swin-l": dict(_FULL, backbone="swin_large_patch4_window12_384", out_indices=(0, 1, 2, 3),
-                   backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
 }
 
 
