@@ -15,12 +15,16 @@ from typing import Any
 
 from model.backbone import Backbone
 from model.decoder import MixedQueryDecoder
+from model.denoising import DenoisingQueries
 from model.mqformer import MQFormer
 from model.pixel_encoder import PixelEncoder
 from model.text import CachedTextEncoder, build_text_encoder
 
-_FULL = dict(d=256, mask_dim=256, enc_layers=6, enc_ffn=2048, dec_layers=9, dec_ffn=2048,
-             n_heads=8, n_points=4, num_learnable=100, num_conditional=300,
+# Off by default in every size: Mask DINO's denoising queries (model/denoising.py; dn_groups > 0,
+# training only) and the class head's text centring (model/heads.py ClassHead).
+_OPTIONS = dict(dn_groups=0, dn_label_noise=0.2, dn_box_noise=0.4, center_texts=False)
+_FULL = dict(**_OPTIONS, d=256, mask_dim=256, enc_layers=6, enc_ffn=2048, dec_layers=9,
+             dec_ffn=2048, n_heads=8, n_points=4, num_learnable=100, num_conditional=300,
              joint_self_attn=True, dropout=0.0)
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -30,12 +34,19 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
                  backbone_kwargs=dict(ls_init_value=1.0),
                  d=32, mask_dim=32, enc_layers=1, enc_ffn=64, dec_layers=2, dec_ffn=64,
                  n_heads=4, n_points=2, num_learnable=10, num_conditional=20,
-                 joint_self_attn=True, dropout=0.0),
+                 joint_self_attn=True, dropout=0.0, **_OPTIONS),
     "r50": dict(_FULL, backbone="resnet50", out_indices=(1, 2, 3, 4), backbone_kwargs={}),
     "swin-t": dict(_FULL, backbone="swin_tiny_patch4_window7_224", out_indices=(0, 1, 2, 3),
                    backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
     "swin-l": dict(_FULL, backbone="swin_large_patch4_window12_384", out_indices=(0, 1, 2, 3),
                    backbone_kwargs=dict(strict_img_size=False, dynamic_img_size=True)),
+    # a few M parameters for CPU experiments (bench/ablation.py): ConvNeXt-atto (3.4M) with layer
+    # scale 1.0 for random init, as tiny, and a 64-wide transformer
+    "small": dict(backbone="convnext_atto", out_indices=(0, 1, 2, 3),
+                  backbone_kwargs=dict(ls_init_value=1.0),
+                  d=64, mask_dim=64, enc_layers=2, enc_ffn=256, dec_layers=3, dec_ffn=256,
+                  n_heads=4, n_points=4, num_learnable=10, num_conditional=20,
+                  joint_self_attn=True, dropout=0.0, **_OPTIONS),
 }
 
 
@@ -65,5 +76,8 @@ def build_mqformer(size: str = "tiny", text_encoder: CachedTextEncoder | str = "
     decoder = MixedQueryDecoder(cfg["d"], cfg["dec_layers"], pixel_encoder.n_levels,
                                 cfg["n_heads"], cfg["n_points"], cfg["dec_ffn"],
                                 cfg["joint_self_attn"], cfg["dropout"])
+    denoising = (DenoisingQueries(cfg["d"], cfg["dn_groups"], cfg["dn_label_noise"],
+                                  cfg["dn_box_noise"]) if cfg.get("dn_groups", 0) > 0 else None)
     return MQFormer(backbone, pixel_encoder, decoder, text_encoder, cfg["d"], cfg["mask_dim"],
-                    queries, cfg["num_learnable"], cfg["num_conditional"])
+                    queries, cfg["num_learnable"], cfg["num_conditional"], denoising,
+                    cfg.get("center_texts", False))

@@ -8,6 +8,9 @@ proposals) the matcher assigns queries to targets, then:
               the matched masks; sum / num_masks. Box-only samples (has_masks False) are left out.
   loss_bbox, loss_giou: L1 and 1 - GIoU of the matched boxes (cxcywh in [0, 1]); sum / num_boxes.
 Keys of earlier stages get a suffix `_0`, `_1`, ... and the encoder proposals `_interm`.
+Denoising queries (model/denoising.py; present when the model was given targets with dn_groups
+> 0) get the same five terms against the target they are a noised copy of (no matching: query
+g * m + j <-> target j), normalised by groups x targets, under keys `<term>_dn`, `<term>_dn_0`, ...
 `loss` is the weighted total. The criterion also counts (the second value it returns), on the
 final stage, which query type matched each target, split by the target's is_thing flag (the paper's
 thing/stuff diagnostic), and, under `class/` keys, the sums behind matched-query class accuracy and
@@ -23,8 +26,9 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from model.box_ops import giou_cxcywh
+from model.denoising import dn_indices
 from model.matcher import HungarianMatcher
-from model.points import point_sample, uncertain_points
+from model.points import grid_points, point_sample, uncertain_points
 from model.queries import QUERY_TYPES
 
 DEFAULT_WEIGHTS = {"loss_class": 4.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_bbox": 5.0,
@@ -106,8 +110,11 @@ class SetCriterion(nn.Module):
     def __init__(self, matcher: HungarianMatcher | None = None,
                  weights: dict[str, float] | None = None, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 alpha: float = 0.25, gamma: float = 2.0):
+                 alpha: float = 0.25, gamma: float = 2.0, full_mask: bool = False):
+        """full_mask: the mask losses on every pixel of the stride-4 prediction (targets read at
+        the pixel centres) instead of num_points importance-sampled points."""
         super().__init__()
+        self.full_mask = full_mask
         self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
         self.weights = dict(DEFAULT_WEIGHTS, **(weights or {}))
         unknown = set(self.weights) - set(DEFAULT_WEIGHTS)
@@ -143,8 +150,13 @@ class SetCriterion(nn.Module):
             loss["loss_giou"] = loss["loss_giou"] + (1 - giou).sum()
             if target["has_masks"]:
                 src_masks = masks[b, src]
-                pts = points[b] if points is not None else uncertain_points(
-                    src_masks, self.num_points, self.oversample, self.importance)
+                if points is not None:
+                    pts = points[b]
+                elif self.full_mask:
+                    pts = grid_points(len(src), *src_masks.shape[-2:], device=src_masks.device)
+                else:
+                    pts = uncertain_points(src_masks, self.num_points, self.oversample,
+                                           self.importance)
                 tgt_masks = target["masks"][tgt].to(src_masks.device)
                 bce, dice = mask_losses(src_masks, tgt_masks, pts)
                 loss["loss_mask"] = loss["loss_mask"] + bce
@@ -176,8 +188,27 @@ class SetCriterion(nn.Module):
             for k, v in self.stage_losses(stage, targets, indices, num_boxes, num_masks).items():
                 losses[k + suffix] = v
                 total = total + self.weights[k] * v
+        if "dn_outputs" in outputs:
+            total = total + self._dn_losses(stages, targets, outputs, num_boxes, num_masks, losses)
         losses["loss"] = total
         return losses, counts
+
+    def _dn_losses(self, stages: list[tuple[str, dict]], targets: list[dict], outputs: dict,
+                   num_boxes: float, num_masks: float, losses: dict) -> Tensor:
+        """Adds the denoising terms of every stage that has dn_outputs to `losses`; returns their
+        weighted sum."""
+        groups, per_group = outputs["dn_groups"], outputs["dn_per_group"]
+        indices = dn_indices(targets, groups, per_group)
+        total = outputs["pred_boxes"].new_zeros(())
+        for suffix, stage in stages:
+            if "dn_outputs" not in stage:
+                continue
+            terms = self.stage_losses(stage["dn_outputs"], targets, indices, num_boxes * groups,
+                                      num_masks * groups)
+            for k, v in terms.items():
+                losses[f"{k}_dn{suffix}"] = v
+                total = total + self.weights[k] * v
+        return total
 
 
 def check_targets(targets: list[dict], k_max: int) -> None:

@@ -50,20 +50,26 @@ class DecoderLayer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(5))
 
     def forward(self, q: Tensor, pos: Tensor, boxes: Tensor, n_cond: int, memory: Tensor,
-                spatial_shapes: Tensor) -> Tensor:
-        n_queries = q.shape[1]
-        mask = None
+                spatial_shapes: Tensor, n_match: int | None = None,
+                dn_mask: Tensor | None = None) -> Tensor:
+        """n_match: the first n_match queries are the matching ones (default all); the rest are
+        DN queries, kept apart in self-attention by dn_mask (True = blocked)."""
+        n_match = q.shape[1] if n_match is None else n_match
+        mask = dn_mask
         if not self.joint_self_attn:  # True = blocked: each set attends only to itself
-            is_cond = torch.arange(n_queries, device=q.device) < n_cond
-            mask = is_cond[:, None] != is_cond[None, :]
+            index = torch.arange(q.shape[1], device=q.device)
+            is_cond = index < n_cond
+            split = (is_cond[:, None] != is_cond[None, :]) & (index[:, None] < n_match) \
+                & (index[None, :] < n_match)
+            mask = split if mask is None else mask | split
         qk = q + pos
         q = self.norms[0](q + self.self_attn(qk, qk, q, attn_mask=mask, need_weights=False)[0])
-        if 0 < n_cond < n_queries:
-            qc, ql = q[:, :n_cond], q[:, n_cond:]
-            pc, pl = pos[:, :n_cond], pos[:, n_cond:]
+        if 0 < n_cond < n_match:
+            qc, ql, qd = q[:, :n_cond], q[:, n_cond:n_match], q[:, n_match:]
+            pc, pl = pos[:, :n_cond], pos[:, n_cond:n_match]
             ql = self.norms[1](ql + self.c2l(ql + pl, qc + pc, qc, need_weights=False)[0])
             qc = self.norms[2](qc + self.l2c(qc + pc, ql + pl, ql, need_weights=False)[0])
-            q = torch.cat([qc, ql], 1)
+            q = torch.cat([qc, ql, qd], 1)
         reference = boxes[:, :, None, :].expand(-1, -1, self.cross.n_levels, -1)
         q = self.norms[3](q + self.cross(q + pos, reference, memory, spatial_shapes))
         return self.norms[4](q + self.ffn(q))
@@ -73,7 +79,9 @@ class MixedQueryDecoder(nn.Module):
     """forward(q (B, Q, d), boxes (B, Q, 4), n_cond, memory, spatial_shapes, heads, texts,
     text_mask, mask_features) -> list of 1 + num_layers predictions, each a dict with
     pred_logits (B, Q, K), pred_masks (B, Q, H/4, W/4), pred_boxes (B, Q, 4) cxcywh in [0, 1].
-    The first entry is predicted from the initial queries, the last is the model's output."""
+    The first entry is predicted from the initial queries, the last is the model's output.
+    With `dn` (model/denoising.py DNQueries) each entry also holds `dn_outputs`: the same three
+    predictions for the DN queries."""
 
     def __init__(self, d: int, num_layers: int = 9, n_levels: int = 4, n_heads: int = 8,
                  n_points: int = 4, ffn: int = 2048, joint_self_attn: bool = True,
@@ -89,14 +97,30 @@ class MixedQueryDecoder(nn.Module):
 
     def forward(self, q: Tensor, boxes: Tensor, n_cond: int, memory: Tensor,
                 spatial_shapes: Tensor, heads: PredictionHeads, texts: Tensor,
-                text_mask: Tensor, mask_features: Tensor) -> list[dict[str, Tensor]]:
-        logits, masks = heads(q, texts, text_mask, mask_features)
-        outputs = [{"pred_logits": logits, "pred_masks": masks, "pred_boxes": boxes}]
+                text_mask: Tensor, mask_features: Tensor, dn=None) -> list[dict[str, Tensor]]:
+        n_match = q.shape[1]
+        dn_mask = None
+        if dn is not None:
+            q, boxes = torch.cat([q, dn.content], 1), torch.cat([boxes, dn.boxes], 1)
+            dn_mask = dn.attn_mask
+        outputs = [self._predict(q, boxes, n_match, heads, texts, text_mask, mask_features)]
         for layer in self.layers:
             ref = boxes.detach()
             pos = self.ref_point_head(sine_box_embedding(ref, self.d))
-            q = layer(q, pos, ref, n_cond, memory, spatial_shapes)
+            q = layer(q, pos, ref, n_cond, memory, spatial_shapes, n_match, dn_mask)
             boxes = (self.box_head(q) + inverse_sigmoid(ref)).sigmoid()
-            logits, masks = heads(q, texts, text_mask, mask_features)
-            outputs.append({"pred_logits": logits, "pred_masks": masks, "pred_boxes": boxes})
+            outputs.append(self._predict(q, boxes, n_match, heads, texts, text_mask,
+                                         mask_features))
         return outputs
+
+    @staticmethod
+    def _predict(q: Tensor, boxes: Tensor, n_match: int, heads: PredictionHeads, texts: Tensor,
+                 text_mask: Tensor, mask_features: Tensor) -> dict:
+        logits, masks = heads(q, texts, text_mask, mask_features)
+        out = {"pred_logits": logits[:, :n_match], "pred_masks": masks[:, :n_match],
+               "pred_boxes": boxes[:, :n_match]}
+        if q.shape[1] > n_match:
+            out["dn_outputs"] = {"pred_logits": logits[:, n_match:],
+                                 "pred_masks": masks[:, n_match:],
+                                 "pred_boxes": boxes[:, n_match:]}
+        return out

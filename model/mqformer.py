@@ -26,6 +26,9 @@ forward(images, texts) -> dict:
                  (the initial queries, then layers 1 .. L-1): deep supervision.
   "interm_outputs": the encoder proposals (pred_logits/pred_masks/pred_boxes of the top-K tokens),
                  present when there are conditional queries.
+  "dn_outputs", "dn_groups", "dn_per_group": with dn_groups > 0, in training mode and given
+                 `targets`: the denoising queries' predictions (model/denoising.py), in the final
+                 stage and each aux stage; absent otherwise (eval and inference never see them).
 
 The text encoder is frozen and not a submodule: its embeddings (cached by text) go through the
 trainable `text_proj` Linear to the model width. The union of the batch's texts is encoded once.
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 
 from model.backbone import Backbone
 from model.decoder import MixedQueryDecoder
+from model.denoising import DenoisingQueries
 from model.heads import PredictionHeads
 from model.pixel_encoder import PixelEncoder
 from model.queries import QUERY_TYPES, ConditionalQueries, LearnableQueries
@@ -61,12 +65,14 @@ class MQFormer(nn.Module):
 
     def __init__(self, backbone: Backbone, pixel_encoder: PixelEncoder, decoder: MixedQueryDecoder,
                  text_encoder: CachedTextEncoder, d: int, mask_dim: int, queries: str = "mixed",
-                 num_learnable: int = 100, num_conditional: int = 300):
+                 num_learnable: int = 100, num_conditional: int = 300,
+                 denoising: DenoisingQueries | None = None, center_texts: bool = False):
         super().__init__()
+        self.denoising = denoising
         self.backbone, self.pixel_encoder, self.decoder = backbone, pixel_encoder, decoder
         self.text_encoder = text_encoder  # frozen, plain object: not in state_dict or optimizer
         self.text_proj = nn.Linear(text_encoder.dim, d)
-        self.heads = PredictionHeads(d, mask_dim)
+        self.heads = PredictionHeads(d, mask_dim, center_texts)
         self.queries_mode = queries
         self.num_learnable, self.num_conditional = query_counts(queries, num_learnable,
                                                                 num_conditional)
@@ -101,7 +107,9 @@ class MQFormer(nn.Module):
             if not sample:
                 raise ValueError(f"sample {i} has no texts; every sample needs at least one label")
 
-    def forward(self, images: Tensor, texts: list[list[str]]) -> dict:
+    def forward(self, images: Tensor, texts: list[list[str]],
+                targets: list[dict] | None = None) -> dict:
+        """targets (the criterion's, training only) feed the denoising queries when enabled."""
         self._check_inputs(images, texts)
         enc = self.pixel_encoder(self.backbone(images))
         text_emb, text_mask = self.embed_texts(texts, images.device)
@@ -115,10 +123,15 @@ class MQFormer(nn.Module):
             content, box = self.learnable(images.shape[0])
             contents.append(content)
             boxes.append(box)
+        dn = None
+        if self.denoising is not None and self.training and targets is not None:
+            dn = self.denoising(targets, text_emb, self.num_conditional + self.num_learnable)
         stages = self.decoder(torch.cat(contents, 1), torch.cat(boxes, 1), self.num_conditional,
                               enc.memory, enc.spatial_shapes, self.heads, text_emb, text_mask,
-                              enc.mask_features)
+                              enc.mask_features, dn)
         out = dict(stages[-1])
+        if dn is not None:
+            out.update(dn_groups=dn.groups, dn_per_group=dn.per_group)
         out.update(text_mask=text_mask, text_embed=text_emb, query_types=self.query_types,
                    aux_outputs=stages[:-1])
         if interm is not None:

@@ -36,3 +36,15 @@ def uncertain_points(logits: Tensor, num_points: int, oversample: float = 3.0,
     hard = torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))
     rand = torch.rand(n, num_points - n_hard, 2, device=logits.device)
     return torch.cat([hard, rand], 1)
+
+
+def grid_points(n: int, height: int, width: int, device=None) -> Tensor:
+    """Every pixel centre of a (height, width) map, (x, y) in [0, 1], row-major -> (n, h*w, 2).
+
+    Read at these points a stride-4 prediction gives back its own logits exactly, so a loss on them
+    is the full-mask loss (every pixel counted once) instead of a sampled estimate: at small
+    sizes (a 32x32 mask has 1024 pixels) the sample is not cheaper than the whole mask."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], -1)[None].expand(n, -1, -1)

@@ -62,6 +62,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_iters
     grad_clip: float = 0.01            # full-model grad-norm clip (Mask DINO); 0 = off
     num_points: int = 12544            # points for mask cost and loss
+    full_mask_loss: bool = False       # mask losses on every stride-4 pixel instead of points
     log_interval: int = 10
     ckpt_interval: int = 500
     seed: int = 0
@@ -71,11 +72,15 @@ class TrainConfig:
     checkpoint_name: str = CHECKPOINT  # file name of the (single, overwritten) checkpoint
     stop_after: int | None = None      # stop (and checkpoint) after this step; the schedule still
                                        # runs to max_iters, so a run can be split across jobs
+    model_options: dict = field(default_factory=dict)  # overrides of the size variant's
+                                       # hyper-parameters (model.build.model_config), e.g.
+                                       # {"dn_groups": 3}; kept in the checkpoint's model_config
+    loss_weights: dict = field(default_factory=dict)  # overrides of criterion.DEFAULT_WEIGHTS
     data: dict = field(default_factory=dict)  # the data side's resolved config (image size,
                                        # mixture...), kept in checkpoints for eval / reproduction
 
     def __post_init__(self):
-        model_config(self.model_size)  # raises with the valid sizes
+        model_config(self.model_size, **self.model_options)  # raises with the valid names
         if self.backbone_lr_mult is None:
             self.backbone_lr_mult = 0.1 if self.backbone_checkpoint else 1.0
         for name in ("backbone_lr_mult", "temperature_lr_mult"):
@@ -175,8 +180,8 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict:
         raise FileNotFoundError(f"resume: no checkpoint at {path}")
     state = load_checkpoint_file(path)
     saved = state["config"]
-    for key in ("model_size", "queries", "text_encoder"):
-        if saved[key] != getattr(config, key):
+    for key in ("model_size", "queries", "text_encoder", "model_options"):
+        if saved.get(key, {}) != getattr(config, key):
             raise ValueError(f"resume: {path} was trained with {key}={saved[key]!r}, "
                              f"this run asks for {getattr(config, key)!r}")
     return state
@@ -223,7 +228,8 @@ class MetricLog:
 
     def add(self, losses: dict[str, torch.Tensor], counts: dict[str, int], images: int) -> None:
         for k, v in losses.items():
-            if k.startswith("loss") and not k[-1].isdigit() and not k.endswith("_interm"):
+            if k.startswith("loss") and not k[-1].isdigit() and not k.endswith("_interm") \
+                    and "_dn" not in k:
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
         for k, v in counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
@@ -282,8 +288,8 @@ def _micro_step(model, criterion, batch: dict, device: torch.device, scale: floa
                for t in batch["targets"]]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
-    with autocast:
-        outputs = model(images, [t["texts"] for t in targets])
+    with autocast:  # targets feed the denoising queries (when the model has them)
+        outputs = model(images, [t["texts"] for t in targets], targets)
     losses, counts = criterion(outputs, targets)  # float32 outside autocast
     (losses["loss"] * scale).backward()
     return {k: v.detach() for k, v in losses.items()}, counts
@@ -303,9 +309,11 @@ def train(config: TrainConfig, data,
     torch.manual_seed(config.seed)  # same initial weights on every rank
     model = build_mqformer(config.model_size, text_encoder=config.text_encoder,
                            queries=config.queries, backbone_checkpoint=config.backbone_checkpoint,
-                           text_encoder_path=config.text_encoder_path).to(device)
+                           text_encoder_path=config.text_encoder_path,
+                           **config.model_options).to(device)
     criterion = SetCriterion(HungarianMatcher(num_points=config.num_points),
-                             num_points=config.num_points)
+                             weights=config.loss_weights, num_points=config.num_points,
+                             full_mask=config.full_mask_loss)
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: get_lr(it, config))
     step = 0
@@ -339,7 +347,8 @@ def train(config: TrainConfig, data,
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rngs, "data": loaders,
-                "config": asdict(config), "model_config": model_config(config.model_size),
+                "config": asdict(config),
+                "model_config": model_config(config.model_size, **config.model_options),
                 "schema_version": SCHEMA_VERSION})
 
     last_step = config.stop_after or config.max_iters

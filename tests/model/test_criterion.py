@@ -158,3 +158,23 @@ def test_class_diagnostics_match_numpy():
     assert (got["class/correct"], got["class/total"], got["class/cosine_n"]) == (
         correct, total, pairs) == (got["class/correct"], 4, 18)
     assert got["class/cosine_sum"] == pytest.approx(cos_sum, abs=1e-4)
+
+
+def test_full_mask_loss_counts_every_pixel_like_numpy():
+    """full_mask=True: BCE and dice over every stride-4 pixel (no sampling), against numpy."""
+    outputs, targets, small = _batch(2)
+    indices = [(torch.tensor([0, 2]), torch.tensor([1, 0])), (torch.tensor([1]), torch.tensor([0]))]
+    losses = SetCriterion(num_points=3, full_mask=True).stage_losses(
+        outputs, targets, indices, num_boxes=3.0, num_masks=2.0)
+    mk = outputs["pred_masks"].numpy()
+    bce = dice = 0.0
+    for s, t in zip([0, 2], [1, 0], strict=True):
+        x, y = mk[0, s].ravel(), small[t].numpy().ravel().astype(float)
+        bce += np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))
+        p = _sigmoid(x)
+        dice += 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    assert losses["loss_mask"].item() == pytest.approx(bce / 2, rel=1e-6)
+    assert losses["loss_dice"].item() == pytest.approx(dice / 2, rel=1e-6)
+    # the default samples num_points points: with 3 of 16 pixels it is another (noisy) figure
+    sampled = SetCriterion(num_points=3).stage_losses(outputs, targets, indices, 3.0, 2.0)
+    assert sampled["loss_mask"].item() != pytest.approx(bce / 2, rel=1e-3)

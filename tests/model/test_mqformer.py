@@ -111,7 +111,19 @@ def test_bad_inputs_raise(tiny):
         tiny(torch.randn(1, 3, 64, 64), [[]])
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         build_mqformer("huge", text_encoder=HashedBagOfWords())
-    assert set(MODEL_SIZES) == {"tiny", "r50", "swin-t", "swin-l"}
+    assert set(MODEL_SIZES) == {"tiny", "small", "r50", "swin-t", "swin-l"}
+
+
+def test_small_has_a_few_million_parameters_and_live_layer_scales():
+    torch.manual_seed(0)
+    model = build_mqformer("small", text_encoder=HashedBagOfWords(dim=24)).eval()
+    n = sum(p.numel() for p in model.parameters())
+    assert 2e6 < n < 6e6, n
+    gammas = [p for name, p in model.backbone.named_parameters() if name.endswith("gamma")]
+    assert gammas and all(float(g.min()) >= 0.1 for g in gammas)  # not timm's 1e-6 (issue 11)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 128, 128), TEXTS[:2])
+    assert out["pred_masks"].shape == (2, 30, 32, 32)
 
 
 def test_backbone_checkpoint_loads_real_weights(tmp_path):
@@ -132,3 +144,25 @@ def test_backbone_checkpoint_loads_real_weights(tmp_path):
                            classifier.state_dict()["stem.0.weight"])
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         Backbone("test_convnext", (0, 1, 2, 3), checkpoint=tmp_path / "missing.pth")
+
+
+def test_centred_texts_ignore_what_all_of_a_samples_texts_share():
+    """With center_texts a vector added to every text of a sample (a shared prompt template)
+    leaves the class logits unchanged; without it the logits move."""
+    from model.heads import ClassHead
+
+    torch.manual_seed(0)
+    queries, texts = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    shared = torch.randn(2, 1, 16) * 3
+    centred, plain = ClassHead(16, center_texts=True), ClassHead(16)
+    plain.load_state_dict(centred.state_dict())
+    a, b = centred(queries, texts, mask), centred(queries, texts + shared, mask)
+    torch.testing.assert_close(a[mask[:, None].expand_as(a)], b[mask[:, None].expand_as(b)])
+    assert not torch.allclose(plain(queries, texts, mask)[:, :, :2],
+                              plain(queries, texts + shared, mask)[:, :, :2])
+    # a lone text (referring, foreground) is left as it is: centring would zero it
+    one = torch.tensor([[True, False, False]] * 2)
+    assert torch.isfinite(centred(queries, texts, one)[:, :, 0]).all()
+    torch.testing.assert_close(centred(queries, texts, one)[:, :, 0],
+                               plain(queries, texts, one)[:, :, 0])
