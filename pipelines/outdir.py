@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -94,9 +95,11 @@ def release_claim(out: Path, created: bool) -> None:
         return
     for name in (MARKER, LOCK):
         (out / name).unlink(missing_ok=True)
-    plan_dir = out / PLAN_DIR
-    if plan_dir.is_dir() and not any(plan_dir.iterdir()):
-        plan_dir.rmdir()
+    # Scaffolding of a run that recorded nothing (a half-built index, images written while
+    # planning): the engine's own folders, in a folder `claim` found empty or already a run's.
+    for name in (PLAN_DIR, IMAGES_DIR):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name, ignore_errors=True)
     if created and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
 

@@ -310,3 +310,20 @@ def test_new_weights_at_the_same_path_are_a_new_run_not_a_resume(dataset, tmp_pa
     weights.write_bytes(b"version 2")
     with pytest.raises(ValueError, match="an input file changed.*weights.pt"):
         run(config(dataset, tmp_path / "out", masker=masker))
+
+
+def test_ctrl_c_while_planning_leaves_nothing(dataset, tmp_path, monkeypatch):
+    """Interrupted while the plan is being written (index built, plan half done): the folder this
+    run created is removed again, scaffolding and all, and the same command then runs cleanly."""
+    import pipelines.synthesize as synth
+
+    def interrupted(*args, **kwargs):
+        (tmp_path / "out" / "_plan" / "half-built").mkdir(parents=True, exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "write_index_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(dataset, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert run(config(dataset, tmp_path / "out")).units_written == 3
