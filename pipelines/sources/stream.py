@@ -160,7 +160,8 @@ class _RawWriter:
 
     def __init__(self, path: Path, schema: pa.Schema, convert: Any, json_path: Path):
         # Uncompressed: the file is read once and deleted; compressing it cost more than it saved.
-        self.writer = pq.ParquetWriter(path, schema, compression=RAW_COMPRESSION)
+        self.writer = pq.ParquetWriter(path, schema, compression=RAW_COMPRESSION,
+                                      use_dictionary=False, write_statistics=False)
         self.convert, self.json_path, self.count = convert, json_path, 0
 
     def add(self, items: list, start: int) -> None:
@@ -218,6 +219,7 @@ def build_index(json_path: Path, folder: Path, memory_limit: str = "256MB") -> C
         for w in writers.values():
             w.writer.close()
     categories = _check_top_level(json_path, kept, types)
+    pa.default_memory_pool().release_unused()  # the scan's batches: give their pages back
     n_orphans = 0 if _write_in_order(folder) else _group(folder, memory_limit)
     index = CocoIndex(json_path, folder, categories, writers["images"].count,
                       writers["annotations"].count, n_orphans)
@@ -383,11 +385,18 @@ class _OrderWalk:
         return np.repeat(runs, lengths)
 
 
+def _raw(path: Path) -> pq.ParquetFile:
+    """A raw file read a batch at a time; pre-buffering would hold most of it in memory."""
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def _int_ids(raw_anns: Path) -> np.ndarray | None:
     """The annotation ids as int64, a batch at a time; None unless every id is an integer's
     canonical text ("007" and "7" are different ids with one integer)."""
-    parts = [np.zeros(0, dtype=np.int64)]
-    for batch in pq.ParquetFile(raw_anns).iter_batches(batch_size=WALK_ROWS, columns=["ann_key"]):
+    file = _raw(raw_anns)
+    out = np.empty(file.metadata.num_rows, dtype=np.int64)
+    done = 0
+    for batch in file.iter_batches(batch_size=WALK_ROWS, columns=["ann_key"]):
         keys = batch.column(0)
         try:
             ids = pc.cast(keys, pa.int64())
@@ -395,8 +404,9 @@ def _int_ids(raw_anns: Path) -> np.ndarray | None:
             return None
         if not pc.all(pc.equal(pc.cast(ids, pa.string()), keys)).as_py():
             return None
-        parts.append(ids.to_numpy())
-    return np.concatenate(parts)
+        out[done:done + len(ids)] = ids.to_numpy()
+        done += len(ids)
+    return out
 
 
 def _duplicate_flags(raw_anns: Path) -> np.ndarray | None:
@@ -406,7 +416,7 @@ def _duplicate_flags(raw_anns: Path) -> np.ndarray | None:
     if ids is None:
         return None
     order = np.argsort(ids, kind="stable")  # stable: the first use of an id sorts first
-    ids = ids[order]
+    ids = ids[order]  # (the unsorted ids are freed here)
     flags = np.zeros(len(ids), dtype=bool)
     flags[order[1:][ids[1:] == ids[:-1]]] = True
     return flags
@@ -442,7 +452,7 @@ def _write_in_order(folder: Path) -> bool:
         writer = None
         done = 0
         try:
-            for batch in pq.ParquetFile(raw_anns).iter_batches(batch_size=WALK_ROWS):
+            for batch in _raw(raw_anns).iter_batches(batch_size=WALK_ROWS):
                 table = _sorted_anns(batch, walk.ordinals(batch.column("image_key")),
                                      duplicate[done:done + batch.num_rows])
                 done += batch.num_rows
@@ -469,7 +479,7 @@ def _write_images(raw_images: Path, path: Path, counts: np.ndarray) -> None:
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     with pq.ParquetWriter(path, RECORD_SCHEMA) as writer:
         done = 0
-        for batch in pq.ParquetFile(raw_images).iter_batches(batch_size=WALK_ROWS):
+        for batch in _raw(raw_images).iter_batches(batch_size=WALK_ROWS):
             n = batch.num_rows
             arrays = [*(batch.column(f.name) for f in IMAGES_SCHEMA),
                       pa.array(np.zeros(n, dtype=bool)), pa.array(starts[done:done + n]),
