@@ -466,12 +466,17 @@ def _write_in_order(folder: Path) -> bool:
         return False
     if writer is None:  # no annotations at all
         empty = pa.RecordBatch.from_pylist([], schema=ANNS_SCHEMA)
-        pq.write_table(_sorted_anns(empty, np.zeros(0, np.int64), duplicate), anns)
+        _write_table(_sorted_anns(empty, np.zeros(0, np.int64), duplicate), anns)
     _write_images(raw_images, folder / "images.parquet", walk.counts)
-    pq.write_table(RECORD_SCHEMA.empty_table(), folder / "orphans.parquet")
+    _write_table(RECORD_SCHEMA.empty_table(), folder / "orphans.parquet")
     raw_images.unlink()
     raw_anns.unlink()
     return True
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _write_images(raw_images: Path, path: Path, counts: np.ndarray) -> None:
