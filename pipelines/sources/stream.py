@@ -160,8 +160,8 @@ class _RawWriter:
 
     def __init__(self, path: Path, schema: pa.Schema, convert: Any, json_path: Path):
         # Uncompressed: the file is read once and deleted; compressing it cost more than it saved.
-        self.writer = pq.ParquetWriter(path, schema, compression=RAW_COMPRESSION,
-                                      use_dictionary=False, write_statistics=False)
+        # Dictionaries and statistics stay: without them DuckDB's sort ran out of 32 MB.
+        self.writer = pq.ParquetWriter(path, schema, compression=RAW_COMPRESSION)
         self.convert, self.json_path, self.count = convert, json_path, 0
 
     def add(self, items: list, start: int) -> None:
@@ -471,6 +471,7 @@ def _write_in_order(folder: Path) -> bool:
     _write_table(RECORD_SCHEMA.empty_table(), folder / "orphans.parquet")
     raw_images.unlink()
     raw_anns.unlink()
+    pa.default_memory_pool().release_unused()  # the walk's batches, before records are read
     return True
 
 
