@@ -11,6 +11,8 @@ Why: Objects365 v2 train is one JSON document of ~1.7M images and tens of millio
    `annotations.parquet` sorted by the position of their image in `images` (unknown image ids
    last, grouped by id; duplicate annotation ids flagged) and `orphans.parquet` (one row per
    unknown image id). DuckDB sorts, joins and aggregates larger-than-memory data by spilling.
+   When the annotations already come grouped by image in `images` order (Objects365 and COCO
+   files usually do), `_write_in_order` writes the same three files in one pass, without the sort.
 
 Records are numbered: images in file order, then the orphan groups. `read_records(index, a, b)`
 reads records [a, b) and exactly their annotation rows, a few row groups, from anywhere (a plan
