@@ -10,8 +10,10 @@ the process, kernel peak RSS of the process):
 - `scan`: the engine's one-pass reader (Python's C JSON scanner, element by element), parse only;
 - DuckDB `read_json` of the whole document (one JSON object: DuckDB parses it as one value), with
   a 1 GB memory limit, counting the annotations;
-- the engine's `build_index` (scan + Arrow columns + raw Parquet + DuckDB sort): all that
-  planning a run costs (the plan itself is one row per unit);
+- the engine's `build_index` (scan + Arrow columns + raw Parquet, then, the annotations being
+  grouped by image in `images` order, the sort-free write): all that planning a run costs (the
+  plan itself is one row per unit);
+- the same with the sort-free path switched off: the DuckDB sort an out-of-order file takes;
 - `build_index` + every ImageRecord built from the index (`records()`, what a consumer of the
   whole file gets; a run builds them unit by unit in its workers instead).
 Also: the peak RSS of a process that only imports the source (DuckDB, pyarrow, ijson): its fixed
@@ -89,21 +91,28 @@ def duckdb_side(path: Path) -> dict:
     return _counts(images, boxes, t0)
 
 
-def _index(path: Path, folder: Path):
+def _index(path: Path, folder: Path, force_sort: bool = False):
     from pipelines.sources import stream
     from pipelines.sources.objects365 import Objects365Source
 
     phases = {}
-    group = stream._group
 
-    def timed_group(*args):  # the sort's share of the time
-        t = time.perf_counter()
-        phases["scan_s"] = t - t0
-        out = group(*args)
-        phases["sort_s"] = time.perf_counter() - t
-        return out
+    def timed(name, real):  # the share of the time after the scan, and which path ran
+        def run(*args):
+            t = time.perf_counter()
+            phases.setdefault("scan_s", t - t0)
+            out = real(*args)
+            phases[f"{name}_s"] = time.perf_counter() - t
+            if name == "order" and out:
+                phases["path"] = "sort-free"
+            elif name == "sort":
+                phases["path"] = "duckdb sort"
+            return out
+        return run
 
-    stream._group = timed_group
+    in_order = (lambda folder: False) if force_sort else stream._write_in_order
+    stream._write_in_order = timed("order", in_order)
+    stream._group = timed("sort", stream._group)
     t0 = time.perf_counter()
     source = Objects365Source("train", path.parent, path, version=2)
     source.cache_dir = folder
@@ -111,14 +120,19 @@ def _index(path: Path, folder: Path):
     return source, index, phases, t0
 
 
-def index_side(path: Path) -> dict:
+def index_side(path: Path, force_sort: bool = False) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
-        _, index, phases, t0 = _index(path, folder)
+        _, index, phases, t0 = _index(path, folder, force_sort)
         return _counts(index.n_images, index.n_annotations, t0, **phases,
                        memory_limit=_limit(path))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def index_sort_side(path: Path) -> dict:
+    """build_index with the sort-free path switched off: the DuckDB sort, as before."""
+    return index_side(path, force_sort=True)
 
 
 def records_side(path: Path) -> dict:
@@ -156,18 +170,19 @@ def bare_side(path: Path) -> dict:
 
 
 SIDES = {"json": json_side, "ijson": ijson_side, "scan": scan_side, "duckdb": duckdb_side,
-         "index": index_side, "records": records_side, "imports": imports_side,
-         "bare": bare_side}
+         "index": index_side, "index_sort": index_sort_side, "records": records_side,
+         "imports": imports_side, "bare": bare_side}
 LABELS = {
     "json": "json.load (baseline)",
     "ijson": "ijson yajl2_c items, 3 passes (the old reader's parse)",
     "scan": "scan: one pass, C json scanner (parse only)",
     "duckdb": "DuckDB read_json of the document (1 GB limit)",
-    "index": "engine build_index (scan + columns + sort) = planning",
+    "index_sort": "engine build_index, DuckDB sort forced (the path before; out-of-order files)",
+    "index": "engine build_index (scan + columns + sort-free write) = planning",
     "records": "engine build_index + records() (every ImageRecord)",
 }
 FLOORS = {"json": "bare", "ijson": "bare", "scan": "bare", "duckdb": "imports",
-          "index": "imports", "records": "imports"}
+          "index": "imports", "index_sort": "imports", "records": "imports"}
 
 
 def main() -> None:

@@ -67,3 +67,20 @@ def test_streaming_reader_uses_a_fraction_of_json_load_memory(tmp_path):
           f"{ours['extra_kb'] / 1024:.0f} MiB ({info['bytes'] / 2**20:.0f} MiB file)")
     # Measured here: ~70 MiB against ~200 MiB; ours stays near that at 1M boxes (json.load: ~4x).
     assert ours["extra_kb"] < 0.5 * baseline["extra_kb"], (ours, baseline)
+
+
+@pytest.mark.slow
+def test_the_duckdb_sort_of_the_raw_files_fits_a_small_memory_limit(tmp_path, monkeypatch):
+    # The sort-free path takes ordered files; an out-of-order one still gets DuckDB's sort of
+    # the raw files, which must fit the limit (raw files written without statistics did not).
+    from pipelines.sources import stream
+
+    path = tmp_path / "zhiyuan_objv2_train.json"
+    info = write_objects365_fixture(path, n_images=10_000, boxes_per_image=25, seed=1)
+    sorts = []
+    real = stream._group
+    monkeypatch.setattr(stream, "_write_in_order", lambda folder: False)
+    monkeypatch.setattr(stream, "_group", lambda *a: sorts.append(a) or real(*a))
+    index = stream.build_index(path, tmp_path / "index", "32MB")
+    assert len(sorts) == 1
+    assert (index.n_images, index.n_annotations) == (info["n_images"], info["n_boxes"])
