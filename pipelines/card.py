@@ -159,10 +159,8 @@ part files of one table, as listed in this card and in manifest.json.
 def write_stats(run_dir: Path, manifest: dict, wall_s: float | None = None) -> Path:
     """Write RUN_DIR/stats.json: totals, rejects per code (from the shards), wall time and rates
     (`wall_s`, else the manifest's created -> updated), and every unit's counts."""
-    from engine.query import connect
-
     run_dir = Path(run_dir)
-    con = connect(open_run(run_dir))
+    con = open_run(run_dir).connect()
     codes = con.execute(
         "SELECT status, reject_code, count(*) FROM objects WHERE NOT keep GROUP BY ALL ORDER BY ALL"
     ).fetchall()

@@ -66,12 +66,6 @@ def select_objects(con: duckdb.DuckDBPyConnection, where: str | None) -> int:
     return con.execute("SELECT count(*) FROM sel").fetchone()[0]
 
 
-def _connect(run: Run) -> duckdb.DuckDBPyConnection:
-    from engine.query import connect  # the one place that registers a run's views
-
-    return connect(run)
-
-
 # A source id is kept when it is an integer written plainly ("42", not "042" or "a7").
 _PLAIN_INT = "CAST(TRY_CAST(src AS BIGINT) AS VARCHAR) IS NOT DISTINCT FROM src AND src IS NOT NULL"
 
@@ -141,7 +135,7 @@ def export_coco(run: Run, dest: Path, where: str | None = "keep") -> dict:
     """Write the objects of `run` selected by `where` (default: kept ones) as COCO JSON to `dest`;
     return the counts of images, annotations and categories. Ids and `score`: see the module
     docstring."""
-    con = _connect(run)
+    con = run.connect()
     select_objects(con, where)
     _check_categories(con)
     ids = _id_tables(con)

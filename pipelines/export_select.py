@@ -23,7 +23,6 @@ from pathlib import Path
 
 import duckdb
 
-from engine.query import connect
 from schemas.runs import Run
 
 BATCH = 2_000
@@ -44,7 +43,7 @@ def selection_sql(where: str | None) -> str:
 
 def open_selection(run: Run, where: str | None) -> duckdb.DuckDBPyConnection:
     """A connection with view `sel` = the selected objects; a bad `where` is one ValueError."""
-    con = connect(run)
+    con = run.connect()
     try:
         con.execute(f"CREATE TEMP VIEW sel AS {selection_sql(where)}")
         con.execute("SELECT count(*) FROM sel").fetchone()

@@ -8,7 +8,7 @@ drawn on it, counts per reject code, a per-category table and a gallery of a det
 of images with mask overlays, where filters (category, status/reject code, mask_origin; mirrored
 in the URL hash, e.g. `index.html#status=rejected`) choose which cards show.
 
-Every number comes from DuckDB over the run's views (engine.query.connect): only the sampled
+Every number comes from DuckDB over the run's views (schemas.runs.Run.connect): only the sampled
 images' objects are ever loaded into Python, so a 100k-object run costs what its sample costs.
 """
 
@@ -27,7 +27,6 @@ from pathlib import Path
 import cv2
 import duckdb
 
-from engine.query import connect
 from pipelines.card import wall_seconds
 from pipelines.render import fit, object_colour, placeholder, render
 from schemas.runs import Run
@@ -76,7 +75,7 @@ def write_report(
 
     The folder is built beside `out` and renamed into place, so a killed report never leaves a
     half-written one (an older report at `out` is replaced only at the end)."""
-    con = connect(run)
+    con = run.connect()
     out = Path(out)
     check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)

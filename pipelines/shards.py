@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import SCHEMA_VERSION, validate
-from schemas.runs import MANIFEST, TABLE_NAMES, UNIT_LOG, read_unit_log
+from schemas.runs import MANIFEST, TABLE_NAMES, UNIT_LOG, RunError, read_manifest, read_unit_log
 
 __all__ = ["MANIFEST", "TABLE_NAMES", "UNIT_LOG", "Manifest", "read_unit_log", "write_unit"]
 SAVE_EVERY_S = 2.0
@@ -120,10 +120,9 @@ class Manifest:
         if not path.exists():
             return None
         try:
-            manifest = cls(out, json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); delete it to start over") from exc
-        manifest.units.update(read_unit_log(out / UNIT_LOG))
+            manifest = cls(out, read_manifest(out))  # the readers' parse: unit log merged in
+        except RunError as exc:
+            raise ValueError(f"{exc}; delete it to start over") from exc
         manifest.data["totals"] = manifest.totals()
         return manifest
 

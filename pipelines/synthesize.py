@@ -8,6 +8,7 @@ uninterrupted run writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -499,9 +500,6 @@ def _run_locked(
 
     SIGTERM raises KeyboardInterrupt here as Ctrl-C does; either way Ray is shut down before this
     returns and the units recorded so far stay, so the same command resumes."""
-    import contextlib
-    import time
-
     from pipelines.ray_runner import choose_executor, sigterm_as_interrupt, starts_early
 
     t0 = time.monotonic()
