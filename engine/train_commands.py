@@ -107,7 +107,7 @@ def train_command(
 ) -> None:
     """Train MQ-Former on a weighted mixture of shard folders (mix.yaml)."""
     from model.build import MODEL_SIZES
-    from model.data import MixtureLoader
+    from model.loader import MixtureLoader
     from model.mixture import load_mixture
     from model.mqformer import QUERY_MODES
     from model.text import TEXT_ENCODERS
@@ -265,8 +265,9 @@ def eval_command(
     import torch
 
     from model.checkpoint import load_checkpoint_file
-    from model.data import ShardSet, iter_eval_samples
+    from model.eval_data import iter_eval_samples
     from model.inference import TASKS, Evaluator, dataset_categories, load_model, run_model
+    from model.shards import ShardSet
 
     _one_of("--task", task, TASKS)
     _at_least("--batch-size", batch_size, 1)

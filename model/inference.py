@@ -20,7 +20,6 @@ query-type diagnostic, measured on held-out data.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 
@@ -31,10 +30,10 @@ from model import evaluate as M
 from model import transforms as T
 from model.build import build_mqformer
 from model.criterion import count_matches_by_type
-from model.data import ShardSet
 from model.matcher import HungarianMatcher
 from model.mqformer import MQFormer
 from model.postprocess import POSTPROCESSORS
+from model.shards import ShardSet
 from schemas import masks as mask_codec
 
 TASKS = tuple(POSTPROCESSORS)
@@ -55,18 +54,8 @@ def load_model(state: dict) -> MQFormer:
 
 
 def dataset_categories(shards: ShardSet, keep_only: bool) -> tuple[list[str], dict[str, bool]]:
-    """(vocabulary as iter_eval_samples builds it, category -> is_thing from the objects'
-    `attributes` {"isthing": ...}; a category without the attribute is a thing)."""
-    vocab = shards.vocabulary(keep_only)
-    is_thing = dict.fromkeys(vocab, True)
-    for part in shards.parts:
-        for rows in shards.objects(part).values():
-            for row in rows:
-                if row["attributes"] and row["category"] in is_thing:
-                    flag = json.loads(row["attributes"]).get("isthing")
-                    if flag is not None:
-                        is_thing[row["category"]] = bool(flag)
-    return vocab, is_thing
+    """(vocabulary as iter_eval_samples builds it, category -> is_thing): ShardSet.categories."""
+    return shards.categories(keep_only)
 
 
 def _batches(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from model import transforms as T
-from model.data import FOREGROUND_PROMPT, TEMPLATES
 from model.inference import TASKS, boxes_to_original, segments_to_original
 from model.postprocess import POSTPROCESSORS
+from model.targets import FOREGROUND_PROMPT, TEMPLATES
 
 PREDICT_TASKS = (*TASKS, "matting")
 VOCAB_TASKS = ("instance", "detection", "semantic", "panoptic")

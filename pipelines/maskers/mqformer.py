@@ -134,9 +134,9 @@ class MQFormerMasker:
 
     def _mask_logits(self, image: np.ndarray):
         """One forward pass -> ((Q, h, w) mask logits, the image's placement in the input)."""
-        from model.data import FOREGROUND_PROMPT
         from model.inference import run_model
         from model.predict import predict_sample
+        from model.targets import FOREGROUND_PROMPT
 
         sample = predict_sample(image, [FOREGROUND_PROMPT], self.image_size)
         _, output = next(run_model(self.model, [sample], self.device, 1))
