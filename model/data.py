@@ -1,7 +1,8 @@
 """The model's data side, by job (this module re-exports their public names):
 
 - model/shards.py: `ShardSet`, the image index and objects of a shard folder (via open_run).
-- model/targets.py: the targets of one image for one task (`plan_targets`, `build_target`).
+- model/targets.py: the targets of one image for one task (`build_target`; the task's planner is
+  picked by model/tasks.py's `plan_targets`).
 - model/loader.py: `MixtureLoader`, seeded, resumable training batches from a mix.yaml.
 - model/eval_data.py: `iter_eval_samples`, evaluation samples with original-frame ground truth.
 """
@@ -13,14 +14,13 @@ from model.shards import ImageEntry, ShardSet, image_hashes
 from model.targets import (
     FOREGROUND_PROMPT,
     TEMPLATES,
-    VOCAB_TASKS,
     Obj,
     Plan,
     build_target,
     group_masks,
-    plan_targets,
     usable_objects,
 )
+from model.tasks import VOCAB_TASKS, plan_targets
 
 __all__ = ["FOREGROUND_PROMPT", "TEMPLATES", "VOCAB_TASKS", "ImageEntry", "MixtureLoader", "Obj",
            "Plan", "ShardSet", "build_target", "collate", "group_masks", "image_hashes",

@@ -8,16 +8,8 @@ from pathlib import Path
 from model import transforms as T
 from model.mixture import DatasetSpec
 from model.shards import ImageEntry, ShardSet
-from model.targets import (
-    VOCAB_TASKS,
-    Obj,
-    Plan,
-    build_target,
-    group_box,
-    group_masks,
-    plan_targets,
-    usable_objects,
-)
+from model.targets import Obj, Plan, build_target, group_box, group_masks, usable_objects
+from model.tasks import Task, plan_targets, task_record
 from schemas import masks as mask_codec
 
 
@@ -35,9 +27,10 @@ def iter_eval_samples(shard_dir: str | Path, task: str, image_size: int = 256,
     True, label of their class) so metrics can treat them as ignore regions. Images with nothing for
     the task (no region, no expression) are skipped. `root` overrides the manifest's image root.
     """
+    record = task_record(task)
     spec = DatasetSpec(Path(shard_dir), 1.0, [task], list(masks), keep_only, captions)
     shards = ShardSet(Path(shard_dir), root=root)
-    vocab = shards.vocabulary(keep_only) if task in VOCAB_TASKS else []
+    vocab = shards.vocabulary(keep_only) if record.vocabulary else []
     index = {name: i for i, name in enumerate(vocab)}
     for part in shards.parts:
         for entry in shards.images[part]:
@@ -47,13 +40,14 @@ def iter_eval_samples(shard_dir: str | Path, task: str, image_size: int = 256,
                 continue
             image = shards.read_image(entry)
             geo = T.geometry(image.shape[0], image.shape[1], image_size)
-            gt = _original_gt(objs, plan, entry, index, task)
+            gt = _original_gt(objs, plan, entry, index, record)
             yield {"image": T.prepare_image(image, geo),
                    "target": build_target(objs, plan, geo, task, entry.image_id),
                    "geometry": geo, "gt": gt}
 
 
-def _original_gt(objs: list[Obj], plan: Plan, entry: ImageEntry, index: dict, task: str) -> dict:
+def _original_gt(objs: list[Obj], plan: Plan, entry: ImageEntry, index: dict,
+                 task: Task) -> dict:
     masks = None
     if plan.has_masks and plan.groups:
         first = objs[plan.groups[0][0]].mask
@@ -62,9 +56,9 @@ def _original_gt(objs: list[Obj], plan: Plan, entry: ImageEntry, index: dict, ta
                 "mask": masks[k] if masks else None, "iscrowd": False,
                 "is_thing": all(objs[i].is_thing for i in g)}
                for k, (label, g) in enumerate(zip(plan.labels, plan.groups, strict=True))]
-    if task in ("instance", "detection", "panoptic"):
+    if task.crowd_gt:
         objects += [{"label": index[o.category], "category": o.category, "box": o.box,
-                     "mask": o.mask if task != "detection" else None, "iscrowd": True,
+                     "mask": o.mask if task.gt_masks else None, "iscrowd": True,
                      "is_thing": o.is_thing}
                     for o in objs if o.iscrowd and o.category in index]
     return {"image_id": entry.image_id, "height": entry.height, "width": entry.width,

@@ -23,20 +23,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 
-from model import evaluate as M
-from model import transforms as T
 from model.build import build_mqformer
 from model.criterion import count_matches_by_type
+from model.frames import boxes_to_original, segments_to_original
 from model.matcher import HungarianMatcher
 from model.mqformer import MQFormer
-from model.postprocess import POSTPROCESSORS
 from model.shards import ShardSet
-from schemas import masks as mask_codec
+from model.tasks import TASKS as TASK_RECORDS
+from model.tasks import task_record
 
-TASKS = tuple(POSTPROCESSORS)
+TASKS = tuple(TASK_RECORDS)  # the task names (engine flags)
+__all__ = ["TASKS", "Evaluator", "boxes_to_original", "dataset_categories", "load_model",
+           "query_split", "run_model", "segments_to_original"]
 
 
 def load_model(state: dict) -> MQFormer:
@@ -92,53 +92,33 @@ def run_model(model: MQFormer, samples: Iterable[dict], device: torch.device | s
                            "query_types": out["query_types"].cpu()}
 
 
-def boxes_to_original(xyxy: torch.Tensor, geo: T.Geometry) -> np.ndarray:
-    """(N, 4) xyxy pixels of the padded input -> (N, 4) xywh pixels of the original image."""
-    b = xyxy.detach().cpu().double().numpy().reshape(-1, 4).copy()
-    if geo.flipped:
-        b[:, [0, 2]] = geo.resized_width - b[:, [2, 0]]
-    b[:, [0, 2]] = np.clip(b[:, [0, 2]] * geo.width / geo.resized_width, 0, geo.width)
-    b[:, [1, 3]] = np.clip(b[:, [1, 3]] * geo.height / geo.resized_height, 0, geo.height)
-    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-
-
-def segments_to_original(segments: torch.Tensor, geo: T.Geometry) -> np.ndarray:
-    """(S, S) int segment map of the padded input -> (height, width) int32, nearest neighbour."""
-    crop = segments.cpu().numpy()[: geo.resized_height, : geo.resized_width]
-    if geo.flipped:
-        crop = crop[:, ::-1]
-    rows = T.nearest_indices(geo.resized_height, geo.height)
-    cols = T.nearest_indices(geo.resized_width, geo.width)
-    return crop[rows][:, cols].astype(np.int32)
-
-
-def _postprocess(task: str, output: dict, geo: T.Geometry, **options) -> dict:
-    return POSTPROCESSORS[task](output["pred_logits"], output["pred_masks"], output["pred_boxes"],
-                                (geo.size, geo.size), **options)
-
-
-def _decoded(gt_obj: dict) -> np.ndarray:
-    return mask_codec.decode([gt_obj["mask"]])[0].astype(bool)
-
-
 class Evaluator:
-    """Accumulates one task's predictions (original frame) and ground truth; result() -> metrics.
+    """Accumulates one task's metric image by image (model/metrics.py); result() -> metrics.
 
     vocab: the dataset's category names (text k of a vocabulary task is vocab[k]); is_thing:
-    category -> thing flag (panoptic merging of stuff, PQ things/stuff split).
+    category -> thing flag (panoptic merging of stuff, PQ things/stuff split). Predictions go
+    through the task record's `original()` (model/tasks.py), the path `engine predict` takes.
     """
 
     def __init__(self, task: str, vocab: list[str], is_thing: dict[str, bool] | None = None,
                  num_points: int = 12544):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+        self.record = task_record(task)
         self.task, self.vocab = task, vocab
         self.is_thing = is_thing or dict.fromkeys(vocab, True)
+        self.metric = self.record.metric(vocab, self.is_thing)
         self.matcher = HungarianMatcher(num_points=num_points)
         self.images = self.targets = 0
         self.counts: dict[str, int] = {}
-        self.gt: list = []
-        self.pred: list = []
+
+    @property
+    def gt(self) -> list[dict]:
+        """instance / detection: the GT images COCOeval reads (InstanceMetric.gt)."""
+        return self.metric.gt
+
+    @property
+    def pred(self) -> list[dict]:
+        """instance / detection: the predictions COCOeval reads (InstanceMetric.pred)."""
+        return self.metric.pred
 
     def add(self, sample: dict, output: dict) -> None:
         self.images += 1
@@ -148,87 +128,16 @@ class Evaluator:
         for k, v in count_matches_by_type(indices, output["query_types"],
                                           [sample["target"]]).items():
             self.counts[k] = self.counts.get(k, 0) + v
-        getattr(self, f"_add_{self.task}")(sample, output)
+        pred = self.record.original(output, sample["geometry"],
+                                    is_thing=[self.is_thing[v] for v in self.vocab])
+        self.metric.add(sample["gt"], pred)
 
-    # ---------------------------------------------------------------------------- per task
-    def _add_instance(self, sample: dict, output: dict, with_masks: bool = True) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        task = "instance" if with_masks else "detection"
-        pred = _postprocess(task, output, geo)
-        boxes = boxes_to_original(pred["boxes"], geo)
-        masks = None
-        if with_masks and len(pred["masks"]):
-            masks = mask_codec.encode(T.unpad_resize(pred["masks"].numpy(), geo))
-        for i in range(len(pred["scores"])):
-            self.pred.append({"image_id": gt["image_id"],
-                              "category": self.vocab[int(pred["labels"][i])],
-                              "score": float(pred["scores"][i]), "box": boxes[i].tolist(),
-                              **({"mask": masks[i]} if masks is not None else {})})
-        self.gt.append(gt)
-
-    def _add_detection(self, sample: dict, output: dict) -> None:
-        self._add_instance(sample, output, with_masks=False)
-
-    def _add_semantic(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        scores = _postprocess("semantic", output, geo)["scores"]
-        self.pred.append(T.unpad_resize(scores.numpy(), geo).argmax(0))
-        label_map = np.full((gt["height"], gt["width"]), 255, dtype=np.int64)
-        for obj in gt["objects"]:
-            if not obj["iscrowd"]:
-                label_map[_decoded(obj)] = obj["label"]
-        self.gt.append(label_map)
-
-    def _add_panoptic(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        pred = _postprocess("panoptic", output, geo,
-                            is_thing=[self.is_thing[v] for v in self.vocab])
-        segments = segments_to_original(pred["segments"], geo)
-        self.pred.append([{"category": self.vocab[s["label"]], "mask": segments == s["id"]}
-                          for s in pred["info"]])
-        self.gt.append([{"category": o["category"], "mask": o["mask"], "iscrowd": o["iscrowd"]}
-                        for o in gt["objects"]])
-
-    def _add_referring(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        masks = T.unpad_resize(_postprocess("referring", output, geo)["masks"].numpy(), geo)
-        for obj in gt["objects"]:  # one per expression; label k = expression k
-            self.gt.append(obj["mask"])
-            self.pred.append(masks[obj["label"]])
-
-    def _add_foreground(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        prob = _postprocess("foreground", output, geo)["prob"]
-        self.pred.append(np.clip(T.unpad_resize(prob[None].numpy(), geo)[0], 0.0, 1.0))
-        fg = np.zeros((gt["height"], gt["width"]), dtype=bool)
-        for obj in gt["objects"]:
-            fg |= _decoded(obj)
-        self.gt.append(fg)
-
-    # ---------------------------------------------------------------------------- metrics
     def result(self) -> dict:
         """{"task", "images", "targets", "metrics": {...}, "query_split": {...}}."""
         if self.images == 0:
             raise ValueError(f"no image has ground truth for task {self.task!r}")
-        t = self.task
-        if t in ("instance", "detection"):
-            metrics = M.instance_ap(self.gt, self.pred)
-            if t == "detection":
-                metrics = {k: v for k, v in metrics.items() if not k.startswith("mask")}
-        elif t == "semantic":
-            out = M.semantic_miou(self.gt, self.pred, num_classes=len(self.vocab))
-            metrics = {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"]}
-        elif t == "panoptic":
-            out = M.panoptic_quality(self.gt, self.pred, self.is_thing)
-            metrics = {"PQ": out["all"]["PQ"], "SQ": out["all"]["SQ"], "RQ": out["all"]["RQ"],
-                       "PQ_things": out["things"]["PQ"] if out["things"]["n"] else None,
-                       "PQ_stuff": out["stuff"]["PQ"] if out["stuff"]["n"] else None}
-        elif t == "referring":
-            metrics = M.referring_iou(self.gt, self.pred)
-        else:
-            metrics = {"MSE": M.foreground_mse(self.gt, self.pred)}
-        return {"task": t, "images": self.images, "targets": self.targets, "metrics": metrics,
-                "query_split": query_split(self.counts)}
+        return {"task": self.task, "images": self.images, "targets": self.targets,
+                "metrics": self.metric.result(), "query_split": query_split(self.counts)}
 
 
 def query_split(counts: dict[str, int]) -> dict:

@@ -25,7 +25,8 @@ import torch
 from model import transforms as T
 from model.mixture import Mixture, load_mixture, sampling_probs
 from model.shards import ImageEntry, ShardSet, image_hashes
-from model.targets import VOCAB_TASKS, build_target, plan_targets, usable_objects
+from model.targets import build_target, usable_objects
+from model.tasks import TASKS, plan_targets
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class MixtureLoader:
                 rng: np.random.Generator | None) -> tuple[torch.Tensor, dict] | None:
         spec, shards = self.mixture.datasets[d], self.shards[d]
         objs = usable_objects(shards.objects(entry.part).get(entry.image_id, []), spec)
-        vocab = shards.vocabulary(spec.keep_only) if task in VOCAB_TASKS else []
+        vocab = shards.vocabulary(spec.keep_only) if TASKS[task].vocabulary else []
         plan = plan_targets(objs, task, vocab, rng)
         if plan is None:
             return None

@@ -22,7 +22,6 @@ TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an
              "a cropped photo of a {}.", "a photo of a small {}.", "a photo of a large {}.",
              "there is a {} in the scene.")
 FOREGROUND_PROMPT = "foreground object"
-VOCAB_TASKS = ("instance", "detection", "semantic", "panoptic")
 
 
 @dataclass
@@ -73,47 +72,53 @@ class Plan:
     has_masks: bool
 
 
-def plan_targets(objs: list[Obj], task: str, vocab: list[str], rng: np.random.Generator | None,
-                 eval_mode: bool = False) -> Plan | None:
-    """Targets of `task` for one image, or None when the image has nothing for that task.
+def plan_things(objs: list[Obj], texts: list[str], index: dict[str, int], with_masks: bool,
+                rng: np.random.Generator | None, eval_mode: bool) -> Plan:
+    """instance / detection: one target per named, non-crowd thing (an image may have none)."""
+    things = [i for i, o in enumerate(objs)
+              if not o.iscrowd and o.category in index and o.is_thing]
+    has_masks = with_masks and all(objs[i].mask is not None for i in things)
+    return Plan(texts, [index[objs[i].category] for i in things], [[i] for i in things],
+                has_masks)
 
-    rng picks the prompt template and each object's referring expression (None: the first of each).
-    eval_mode: referring gets one target per (object, expression) instead of one sampled expression.
-    """
-    index = {name: i for i, name in enumerate(vocab)}
-    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))] if rng is not None else TEMPLATES[0]
-    named = [i for i, o in enumerate(objs) if not o.iscrowd and o.category in index]
-    if task in ("instance", "detection"):
-        things = [i for i in named if objs[i].is_thing]
-        has_masks = task == "instance" and all(objs[i].mask is not None for i in things)
-        return Plan([template.format(v) for v in vocab], [index[objs[i].category] for i in things],
-                    [[i] for i in things], has_masks)
-    masked = [i for i in named if objs[i].mask is not None]
-    if task in ("semantic", "panoptic"):
-        groups: dict[object, list[int]] = {}
-        for i in masked:  # semantic: one region per class; panoptic: per thing, per stuff class
-            key = objs[i].category if task == "semantic" or not objs[i].is_thing else ("thing", i)
-            groups.setdefault(key, []).append(i)
-        if not groups:
-            return None
-        members = list(groups.values())
-        return Plan([template.format(v) for v in vocab],
-                    [index[objs[g[0]].category] for g in members], members, True)
-    if task == "foreground":
-        fg = [i for i, o in enumerate(objs) if not o.iscrowd and o.mask is not None]
-        return Plan([FOREGROUND_PROMPT], [0], [fg], True) if fg else None
-    if task == "referring":
-        referred = [i for i, o in enumerate(objs)
-                    if not o.iscrowd and o.mask is not None and o.captions]
-        if not referred:
-            return None
-        if eval_mode:
-            pairs = [(i, c) for i in referred for c in objs[i].captions]
-        else:  # one expression per object, drawn afresh each time (as the paper does)
-            pairs = [(i, objs[i].captions[int(rng.integers(len(objs[i].captions)))]
-                      if rng is not None else objs[i].captions[0]) for i in referred]
-        return Plan([c for _, c in pairs], list(range(len(pairs))), [[i] for i, _ in pairs], True)
-    raise ValueError(f"unknown task {task!r}")
+
+def plan_regions(objs: list[Obj], texts: list[str], index: dict[str, int], per_thing: bool,
+                 rng: np.random.Generator | None, eval_mode: bool) -> Plan | None:
+    """semantic (per_thing False): one region per class; panoptic: one per thing, one per stuff
+    class. Only named, non-crowd, masked objects; None when there is none."""
+    groups: dict[object, list[int]] = {}
+    for i, o in enumerate(objs):
+        if o.iscrowd or o.category not in index or o.mask is None:
+            continue
+        key = ("thing", i) if per_thing and o.is_thing else o.category
+        groups.setdefault(key, []).append(i)
+    if not groups:
+        return None
+    members = list(groups.values())
+    return Plan(texts, [index[objs[g[0]].category] for g in members], members, True)
+
+
+def plan_foreground(objs: list[Obj], texts: list[str], index: dict[str, int],
+                    rng: np.random.Generator | None, eval_mode: bool) -> Plan | None:
+    """foreground: one target, the union of every non-crowd masked object (named or not)."""
+    fg = [i for i, o in enumerate(objs) if not o.iscrowd and o.mask is not None]
+    return Plan([FOREGROUND_PROMPT], [0], [fg], True) if fg else None
+
+
+def plan_referring(objs: list[Obj], texts: list[str], index: dict[str, int],
+                   rng: np.random.Generator | None, eval_mode: bool) -> Plan | None:
+    """referring: one target per (object, expression) in eval mode, else one expression per object
+    drawn afresh each time (as the paper does; the first one without an rng)."""
+    referred = [i for i, o in enumerate(objs)
+                if not o.iscrowd and o.mask is not None and o.captions]
+    if not referred:
+        return None
+    if eval_mode:
+        pairs = [(i, c) for i in referred for c in objs[i].captions]
+    else:
+        pairs = [(i, objs[i].captions[int(rng.integers(len(objs[i].captions)))]
+                  if rng is not None else objs[i].captions[0]) for i in referred]
+    return Plan([c for _, c in pairs], list(range(len(pairs))), [[i] for i, _ in pairs], True)
 
 
 def group_box(objs: list[Obj], group: list[int]) -> list[float]:
