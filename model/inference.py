@@ -1,10 +1,12 @@
 """Model outputs -> per-task predictions at the original image size -> the metrics of evaluate.py.
 
-    model = load_model(checkpoint_state)                       # rebuilt from the saved config
+    state, model = load_trained(Path("runs/mq/last.pt"))       # verified, rebuilt from its config
     evaluator = Evaluator(task, vocab, is_thing)
     for sample, output in run_model(model, iter_eval_samples(dir, task, size), device, 4):
         evaluator.add(sample, output)
     metrics = evaluator.result()
+
+or all of it, as `engine eval` runs it: evaluate_checkpoint(EvalConfig(checkpoint, data, task)).
 
 Frames: the model sees the (S, S) padded input; model/postprocess.py turns one sample's outputs
 into masks / maps / boxes on that padded input, and `model.transforms.unpad_resize` (masks, maps) or
@@ -20,23 +22,31 @@ query-type diagnostic, measured on held-out data.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 
 import torch
 
 from model.build import build_mqformer
+from model.checkpoint import load_checkpoint_file
 from model.criterion import count_matches_by_type
+from model.eval_data import iter_eval_samples
 from model.frames import boxes_to_original, segments_to_original
 from model.matcher import HungarianMatcher
+from model.mixture import MASK_KINDS
 from model.mqformer import MQFormer
 from model.shards import ShardSet
 from model.tasks import TASKS as TASK_RECORDS
 from model.tasks import task_record
 
 TASKS = tuple(TASK_RECORDS)  # the task names (engine flags)
-__all__ = ["TASKS", "Evaluator", "boxes_to_original", "dataset_categories", "load_model",
-           "query_split", "run_model", "segments_to_original"]
+__all__ = ["TASKS", "EvalConfig", "Evaluator", "boxes_to_original", "dataset_categories",
+           "evaluate_checkpoint", "input_size", "load_model", "load_trained", "query_split",
+           "rebuild_model", "run_model", "segments_to_original"]
 
 
 def load_model(state: dict) -> MQFormer:
@@ -51,6 +61,89 @@ def load_model(state: dict) -> MQFormer:
                            **state["model_config"])
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def rebuild_model(state: dict, path: Path) -> MQFormer:
+    """load_model, with a config or weights of another model version as one line naming `path`."""
+    try:
+        return load_model(state)
+    except (KeyError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ValueError(f"{path}: the model cannot be rebuilt from this checkpoint "
+                         f"({type(exc).__name__}: {first})") from None
+
+
+def load_trained(path: Path) -> tuple[dict, MQFormer]:
+    """The one way a trained model is opened (eval, predict, the mqformer masker): the file
+    verified and loaded weights-only (model.checkpoint.load_checkpoint_file), then rebuilt."""
+    state = load_checkpoint_file(path)
+    return state, rebuild_model(state, path)
+
+
+def input_size(state: dict, image_size: int | None) -> int:
+    """The model's square input side: --image-size, else the one it was trained at."""
+    size = image_size or state["config"].get("data", {}).get("image_size", 512)
+    if size < 64 or size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32 and >= 64, got {size}")
+    return size
+
+
+@dataclass
+class EvalConfig:
+    """`engine eval`'s options; every check names its flag and runs before any data is read."""
+
+    checkpoint: Path               # an `engine train` checkpoint
+    data: Path                     # the shard folder to evaluate on
+    task: str                      # a key of model.tasks.TASKS
+    image_size: int | None = None  # input side; None: the training run's
+    batch_size: int = 4            # images per forward pass
+    device: str = "auto"           # auto, cpu, cuda (pipelines.devices.resolve_device)
+    masks: tuple[str, ...] = MASK_KINDS  # GT mask provenances
+    keep_only: bool = True         # only objects with keep = true
+    limit: int | None = None       # only the first N samples
+    root: Path | None = None       # image root overriding the data manifest's
+
+    def __post_init__(self):
+        if self.task not in TASK_RECORDS:
+            raise ValueError(f"--task {self.task!r} is not valid; choose one of: "
+                             f"{', '.join(TASK_RECORDS)}")
+        for flag, value in (("--batch-size", self.batch_size), ("--limit", self.limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for m in self.masks or ("",):
+            if m not in MASK_KINDS:
+                raise ValueError(f"--masks {m!r} is not valid; choose one of: "
+                                 f"{', '.join(MASK_KINDS)}")
+        if not Path(self.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {self.checkpoint} does not exist")
+        if self.root is not None and not Path(self.root).is_dir():
+            raise FileNotFoundError(f"--root {self.root} is not a folder")
+
+
+def evaluate_checkpoint(config: EvalConfig) -> dict:
+    """Evaluator.result() of a checkpoint on one task of a shard folder, plus checkpoint, step,
+    data, image_size and seconds."""
+    from pipelines.devices import resolve_device
+
+    device = resolve_device(config.device)
+    state = load_checkpoint_file(config.checkpoint)
+    size = input_size(state, config.image_size)
+    shards = ShardSet(config.data, root=config.root)  # raises when --data is not a readable run
+    vocab, is_thing = shards.categories(config.keep_only)
+    torch.manual_seed(0)  # the matcher's random points: the same figures on every run
+    model = rebuild_model(state, config.checkpoint).to(device)
+    evaluator = Evaluator(config.task, vocab, is_thing,
+                          num_points=state["config"].get("num_points", 12544))
+    samples = iter_eval_samples(config.data, config.task, size, masks=tuple(config.masks),
+                                keep_only=config.keep_only, root=config.root)
+    start = time.perf_counter()
+    for sample, output in run_model(model, islice(samples, config.limit), device,
+                                    config.batch_size):
+        evaluator.add(sample, output)
+    result = evaluator.result()
+    result.update(checkpoint=str(config.checkpoint), step=state.get("step"),
+                  data=str(config.data), image_size=size, seconds=time.perf_counter() - start)
+    return result
 
 
 def dataset_categories(shards: ShardSet, keep_only: bool) -> tuple[list[str], dict[str, bool]]:

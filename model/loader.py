@@ -165,6 +165,21 @@ class MixtureLoader:
             self._cache.popitem(last=False)
         return value
 
+    def vocabulary(self) -> dict:
+        """{"names", "isthing"}: the class names the vocabulary tasks train on, the sorted union
+        over the datasets that have such a task (each its own ShardSet.categories). A name is stuff
+        only when every dataset that has it says so: calling a thing stuff would merge its
+        instances in panoptic predictions."""
+        flags: dict[str, bool] = {}
+        for spec, shards in zip(self.mixture.datasets, self.shards, strict=True):
+            if not any(TASKS[t].vocabulary for t in spec.tasks):
+                continue
+            names, is_thing = shards.categories(spec.keep_only)
+            for name in names:
+                flags[name] = flags.get(name, False) or is_thing[name]
+        names = sorted(flags)
+        return {"names": names, "isthing": [flags[n] for n in names]}
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "rng": self.rng.bit_generator.state,
                 "streams": [s.state() for s in self.streams],

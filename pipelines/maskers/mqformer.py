@@ -196,19 +196,12 @@ def build_mqformer_masker(checkpoint: Path | None, device: str = "auto",
                           margin: float | None = MARGIN) -> MQFormerMasker:
     """Load (sha256-checked, weights only) and rebuild the model; one-line errors naming the
     file."""
-    from model.checkpoint import load_checkpoint_file
-    from model.inference import load_model
+    from model.inference import load_trained
 
     if checkpoint is None:
         raise ValueError("--masker mqformer needs --mask-checkpoint PATH (an `engine train` "
                          "checkpoint, e.g. runs/mq/last.pt)")
     checkpoint = Path(checkpoint)
-    state = load_checkpoint_file(checkpoint)
-    try:
-        model = load_model(state)
-    except (KeyError, TypeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise ValueError(f"{checkpoint}: the model cannot be rebuilt from this checkpoint "
-                         f"({type(exc).__name__}: {first})") from None
+    state, model = load_trained(checkpoint)
     size = int(state["config"].get("data", {}).get("image_size", 512))
     return MQFormerMasker(model, f"mqformer:{run_id(state, checkpoint)}", size, device, margin)
