@@ -1,4 +1,4 @@
-"""Model outputs -> per-task predictions at the original image size -> the metrics of evaluate.py.
+"""Model outputs -> per-task predictions at the original image size -> streaming metrics.
 
     state, model = load_trained(Path("runs/mq/last.pt"))       # verified, rebuilt from its config
     evaluator = Evaluator(task, vocab, is_thing)
@@ -8,12 +8,13 @@
 
 or all of it, as `engine eval` runs it: evaluate_checkpoint(EvalConfig(checkpoint, data, task)).
 
-Frames: the model sees the (S, S) padded input; model/postprocess.py turns one sample's outputs
-into masks / maps / boxes on that padded input, and `model.transforms.unpad_resize` (masks, maps) or
-`boxes_to_original` (boxes) map them back to the original (height, width) pixels, where the ground
-truth of `model.data.iter_eval_samples` lives. Predicted category names come from the dataset
+Frames: the model sees the (S, S) padded input; the task's record (model/tasks.py) runs its
+model/postprocess.py function on that padded input and maps the result back through model/frames.py
+to the original (height, width) pixels, where the ground
+truth of `model.eval_data.iter_eval_samples` lives. Predicted category names come from the dataset
 vocabulary: for instance, detection, semantic and panoptic the sample's text k is the template of
-vocab[k] (model/data.py builds them that way).
+vocab[k] (model/tasks.py plan_targets builds them that way). The metric is the record's streaming
+class (model/metrics.py): nothing at full resolution outlives its image.
 
 The evaluator also runs the Hungarian matcher on the final decoder stage against the eval targets
 and counts which query type (conditional / learnable) took each thing and stuff target: the paper's

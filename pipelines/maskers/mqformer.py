@@ -16,7 +16,7 @@ speck elsewhere loses to a worse one. IoU of the mask itself with the filled box
 (margin 0) and 0.513 (0.1). The scene boxes are tight, so a margin only lets neighbours in.
 
 - Texts: the masker contract carries no category, so the model scores the fixed foreground prompt
-  (model.data.FOREGROUND_PROMPT); only the conditional queries' selection depends on it, and the
+  (model.targets.FOREGROUND_PROMPT); only the conditional queries' selection depends on it, and the
   matching is geometric.
 - Preprocessing and the forward pass are `engine predict`'s (model.predict.predict_sample,
   model.inference.run_model: long side resized to the training input size, padded square, bf16
