@@ -452,8 +452,8 @@ def _texts(task: str, prompt: list[str] | None, classes: str | None, stuff: str 
             raise ValueError(f"--stuff {unknown[0]!r} is not one of the checkpoint's classes "
                              f"{','.join(names)}")
     texts = prompt_texts(task, names, prompt)
-    if task not in VOCAB_TASKS:
-        names = list(texts)
+    if task not in VOCAB_TASKS:  # the names are the prompts (any --classes is not scored)
+        names, classes_from = list(texts), "prompt"
     stuff_set = set(stuff_names) if stuff_names else set(trained_stuff)
     return texts, names, [n not in stuff_set for n in names], classes_from
 

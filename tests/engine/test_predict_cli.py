@@ -346,3 +346,22 @@ def test_a_checkpoint_without_vocabulary_asks_for_classes(run, images, tmp_path,
     assert not (tmp_path / "o").exists()
     assert main([*argv, "--out", str(tmp_path / "ok"), "--task", "semantic",
                  "--classes", CLASSES]) == 0
+
+
+def test_panoptic_takes_isthing_from_the_checkpoint_unless_stuff_is_given(run, images, tmp_path):
+    """The stored isthing decides which classes panoptic merges; --stuff overrides it."""
+    from model.checkpoint import save_checkpoint
+
+    state = torch.load(run["checkpoint"], weights_only=True)
+    names = state["config"]["data"]["vocabulary"]["names"]
+    state["config"]["data"]["vocabulary"]["isthing"] = [n != "star" for n in names]
+    ckpt = tmp_path / "stuffy.pt"
+    save_checkpoint(ckpt, state)
+    argv = ["predict", "--checkpoint", str(ckpt), "--images", str(images), "--device", "cpu",
+            "--task", "panoptic"]
+    for out, flags, stuff in ((tmp_path / "stored", [], {"star"}),
+                              (tmp_path / "flag", ["--stuff", "horse"], {"horse"})):
+        assert main([*argv, "--out", str(out), *flags]) == 0
+        categories = json.loads((out / "panoptic.json").read_text())["categories"]
+        assert [c["name"] for c in categories] == names
+        assert {c["name"] for c in categories if not c["isthing"]} == stuff
