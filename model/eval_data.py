@@ -48,10 +48,7 @@ def iter_eval_samples(shard_dir: str | Path, task: str, image_size: int = 256,
 
 def _original_gt(objs: list[Obj], plan: Plan, entry: ImageEntry, index: dict,
                  task: Task) -> dict:
-    masks = None
-    if plan.has_masks and plan.groups:
-        first = objs[plan.groups[0][0]].mask
-        masks = mask_codec.encode(group_masks(objs, plan, first["height"], first["width"]))
+    masks = _target_masks(objs, plan) if plan.has_masks and plan.groups else None
     objects = [{"label": label, "category": objs[g[0]].category, "box": group_box(objs, g),
                 "mask": masks[k] if masks else None, "iscrowd": False,
                 "is_thing": all(objs[i].is_thing for i in g)}
@@ -63,3 +60,26 @@ def _original_gt(objs: list[Obj], plan: Plan, entry: ImageEntry, index: dict,
                     for o in objs if o.iscrowd and o.category in index]
     return {"image_id": entry.image_id, "height": entry.height, "width": entry.width,
             "texts": plan.texts, "objects": objects}
+
+
+def _target_masks(objs: list[Obj], plan: Plan) -> list[dict]:
+    """Each target's mask value at the size of the image's first mask. A one-object target keeps
+    its object's value as stored (decoding and re-encoding it would give the same pixels, at a
+    cost per object); targets that unite several objects are decoded, OR-ed and encoded once."""
+    first = objs[plan.groups[0][0]].mask
+    size = (first["height"], first["width"])
+    values: list[dict | None] = [None] * len(plan.groups)
+    merged = []
+    for k, group in enumerate(plan.groups):
+        own = objs[group[0]].mask
+        if len(group) == 1 and (own["height"], own["width"]) == size:
+            values[k] = own
+        else:
+            merged.append(k)
+    if merged:
+        sub = Plan(plan.texts, [plan.labels[k] for k in merged],
+                   [plan.groups[k] for k in merged], True)
+        for k, value in zip(merged, mask_codec.encode(group_masks(objs, sub, *size)),
+                            strict=True):
+            values[k] = value
+    return values
