@@ -24,6 +24,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -282,7 +283,8 @@ def _print_eval(result: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result["metrics"].items():
-        table.add_row(k, _fmt(v))
+        for name, value in (v.items() if isinstance(v, dict) else [(None, v)]):
+            table.add_row(k if name is None else f"{k}: {escape(name)}", _fmt(value))
     for k, v in result["query_split"].items():
         table.add_row(f"query split: {k}", _fmt(v))
     Console().print(table)

@@ -65,6 +65,7 @@ class SemanticMetric:
     """mIoU and pixel accuracy from a confusion matrix over the vocabulary (255 = unlabelled)."""
 
     def __init__(self, vocab: list[str], is_thing: dict[str, bool]):
+        self.vocab = list(vocab)
         self.conf = np.zeros((len(vocab), len(vocab)), dtype=np.int64)
 
     def add(self, gt: dict, pred: dict) -> None:
@@ -76,7 +77,9 @@ class SemanticMetric:
 
     def result(self) -> dict:
         out = M.miou_from_confusion(self.conf)
-        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"]}
+        per_class = {name: None if np.isnan(iou) else float(iou)  # None: absent everywhere
+                     for name, iou in zip(self.vocab, out["iou"], strict=True)}
+        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"], "iou_per_class": per_class}
 
 
 class PanopticMetric:

@@ -110,7 +110,13 @@ def reference_metrics(task: str, pairs: list[tuple[dict, dict]], vocab: list[str
         return out
     if task == "semantic":
         out = M.semantic_miou(gts, preds, num_classes=len(vocab))
-        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"]}
+        per_class = {}
+        for k, name in enumerate(vocab):  # IoU of one class straight from the maps
+            inter = sum(int(((g == k) & (p == k)).sum()) for g, p in zip(gts, preds, strict=True))
+            union = sum(int((((g == k) | (p == k)) & (g != 255)).sum())
+                        for g, p in zip(gts, preds, strict=True))
+            per_class[name] = inter / union if union else None
+        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"], "iou_per_class": per_class}
     if task == "panoptic":
         out = M.panoptic_quality(gts, preds, is_thing)
         return {"PQ": out["all"]["PQ"], "SQ": out["all"]["SQ"], "RQ": out["all"]["RQ"],
