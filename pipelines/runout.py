@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +35,7 @@ from pipelines.shards import (
 from pipelines.store import (
     RunStore,
     StoreLock,
+    alive,
     claim_store,
     clear_store,
     commit_unit,
@@ -42,10 +45,37 @@ from pipelines.store import (
     write_part,
 )
 from schemas import validate
-from schemas.location import is_uri, open_location
-from schemas.runs import MANIFEST, TABLE_NAMES, RunError, commit_name, read_store_manifest
+from schemas.location import explain, is_uri, open_location
+from schemas.runs import (
+    MANIFEST,
+    TABLE_NAMES,
+    UNITS_DIR,
+    RunError,
+    commit_name,
+    read_store_manifest,
+)
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def one_line(where: str):
+    """A storage failure mid-run (endpoint gone, access revoked, bucket deleted) as one line; the
+    units committed so far stay, so the same command resumes."""
+    try:
+        yield
+    except OSError as exc:
+        raise ValueError(f"{explain(exc, where)}; rerun the same command to resume") from None
+
+
+@contextmanager
+def best_effort(what: str):
+    """Clean-up after a failure must not hide that failure: a storage error here is a warning
+    (orphans left behind are removed when the next run starts)."""
+    try:
+        yield
+    except OSError as exc:
+        log.warning("%s failed (%s); the next run cleans up", what, exc)
 
 
 def open_out(out: Path | str) -> LocalOut | StoreOut:
@@ -67,6 +97,9 @@ class LocalOut:
         outdir.check_no_overlap(self.path, inputs)
 
     def claim(self) -> bool:
+        if (self.path / UNITS_DIR).is_dir() and not (self.path / UNIT_LOG).exists():
+            raise ValueError(f"--out {self.path} holds a run written through a URI; resume it "
+                             f"as --out file://{self.path.resolve()}")
         return outdir.claim(self.path)
 
     def lock(self) -> None:
@@ -122,7 +155,8 @@ class StoreOut:
         self.local_dir = store.loc.local_path
         self.plan_is_scratch = True  # rebuilt on resume (see the class docstring)
         self.image_dir = None  # a source that embeds images is refused (readers need a path)
-        self._scratch = Path(tempfile.mkdtemp(prefix="mqengine-plan-"))
+        remove_dead_scratch()
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-"))
         self.plan_dir = self._scratch / "_plan"
         self._lock: StoreLock | None = None
 
@@ -131,6 +165,9 @@ class StoreOut:
             outdir.check_no_overlap(self.local_dir, inputs)
 
     def claim(self) -> bool:
+        if self.local_dir is not None and (self.local_dir / UNIT_LOG).exists():
+            raise ValueError(f"--out {self.name} holds a run written to a local path; resume it "
+                             f"as --out {self.local_dir}")
         return claim_store(self.store)
 
     def lock(self) -> None:
@@ -138,14 +175,17 @@ class StoreOut:
 
     def unlock(self) -> None:
         if self._lock is not None:
-            self._lock.release()
+            with best_effort(f"{self.name}: releasing the lock"):
+                self._lock.release()
 
     def release_claim(self, created: bool) -> None:
-        release_store_claim(self.store)
+        with best_effort(f"{self.name}: removing the run marker"):
+            release_store_claim(self.store)
 
     def load_manifest(self) -> StoreManifest | None:
-        if not self.store.exists(MANIFEST):
-            return None
+        with one_line(self.name):
+            if not self.store.exists(MANIFEST):
+                return None
         try:
             data = read_store_manifest(self.store.loc)
         except RunError as exc:
@@ -156,15 +196,19 @@ class StoreOut:
 
     def create_manifest(self, header: dict) -> StoreManifest:
         """A new plan: commits of an earlier plan mean nothing, so they and their parts go."""
-        clear_store(self.store, {})
+        with one_line(self.name):
+            clear_store(self.store, {})
         data = Manifest.create(Path(self.store.uri), header).data
         return StoreManifest(Path(self.store.uri), data, store=self.store, lock=self._lock)
 
     def clear(self, units: dict) -> int:
-        return clear_store(self.store, units)
+        with one_line(self.name):
+            return clear_store(self.store, units)
 
     def remove_temp(self, units: dict) -> None:
-        removed = remove_orphans(self.store, units)
+        removed: list[str] = []
+        with best_effort(f"{self.name}: removing orphan parts"):
+            removed = remove_orphans(self.store, units)
         if removed:
             log.warning("%s: removed %d parts of an unfinished attempt", self.name, len(removed))
 
@@ -178,7 +222,8 @@ class StoreOut:
         for name, table in (("images", images), ("objects", objects)):
             rel = f"{name}/{part_name(unit, self.store.attempt)}"
             entry[f"{name}_file"] = rel
-            entry[f"{name}_sha256"], entry[f"{name}_size"] = write_part(self.store, rel, table)
+            with one_line(f"{self.name}: writing {rel}"):
+                entry[f"{name}_sha256"], entry[f"{name}_size"] = write_part(self.store, rel, table)
         entry["counts"] = unit_counts(images, objects)
         entry["inputs_digest"] = images_digest(root, images.column("file_path").to_pylist())
         return entry
@@ -189,6 +234,18 @@ class StoreOut:
 
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+SCRATCH = "mqengine-plan-"  # + pid + "-" + random: the driver's plan folder of a URI run
+
+
+def remove_dead_scratch() -> None:
+    """Remove the plan folders that drivers killed with SIGKILL left in the temporary folder:
+    only folders of this naming whose pid is no longer alive."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH}*-*"):
+        pid = folder.name[len(SCRATCH):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -202,6 +259,11 @@ class StoreManifest(Manifest):
         """Units whose parts are all there with their recorded sizes (an object is never seen
         half-written, so its size tells a part from an earlier attempt's), and, with
         `check_inputs`, whose images are unchanged (as Manifest.done_units)."""
+        assert self.store is not None
+        with one_line(self.store.uri):
+            return self._done_units(check_inputs)
+
+    def _done_units(self, check_inputs: bool) -> set[int]:
         assert self.store is not None
         sizes = {}
         for table in TABLE_NAMES:
@@ -226,7 +288,8 @@ class StoreManifest(Manifest):
         """Commit `unit` (its one commit object), then count it; the manifest is rewritten at
         most every SAVE_EVERY_S (as Manifest.record_unit)."""
         assert self.store is not None
-        commit_unit(self.store, unit, entry)
+        with one_line(f"{self.store.uri}: committing unit {unit}"):
+            commit_unit(self.store, unit, entry)
         self._count(unit, entry)
 
     def _count(self, unit: int, entry: dict) -> None:
@@ -244,5 +307,6 @@ class StoreManifest(Manifest):
         if self.lock is not None:
             self.lock.check()  # a writer that lost its lock must not write the manifest
         self.data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-        self.store.write_atomic(MANIFEST, (json.dumps(self.data, indent=2) + "\n").encode())
+        with one_line(f"{self.store.uri}: writing {MANIFEST}"):
+            self.store.write_atomic(MANIFEST, (json.dumps(self.data, indent=2) + "\n").encode())
         self.last_save = time.monotonic()

@@ -78,7 +78,10 @@ class RunStore:
         would then own without having recorded it."""
         if self.loc.local_path is None:
             bucket, _, key = self.loc.path(rel).partition("/")
-            self._s3().delete_object(Bucket=bucket, Key=key)
+            try:
+                self._s3().delete_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # botocore's errors are no OSError: make them one
+                raise OSError(f"deleting {rel} failed: {exc}") from exc
             return
         try:
             self.fs.delete_file(self.loc.path(rel))
@@ -333,13 +336,13 @@ class StoreLock:
 
 def stale(holder: dict) -> bool:
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if not _alive(holder["pid"]):
+        if not alive(holder["pid"]):
             return True
     beat = holder.get("beat")
     return not isinstance(beat, int | float) or time.time() - beat > LOCK_STALE_S
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

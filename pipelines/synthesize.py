@@ -42,6 +42,7 @@ from pipelines.shards import Manifest
 from pipelines.sources import SOURCES, SourceConfig, open_source
 from pipelines.sources.coco import CocoSource
 from pipelines.stages import UnitWorker, WorkerSpec
+from schemas.location import is_uri, open_location
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("auto", "ray", "local")
@@ -85,6 +86,8 @@ class SynthesizeConfig:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.gpus_per_worker <= 8.0:
             raise ValueError(f"--gpus-per-worker must be in [0, 8], got {self.gpus_per_worker}")
+        if is_uri(self.out):
+            open_location(self.out)  # an unknown scheme or a malformed URI: one line, now
         positive = {
             "--box-chunk": self.masker.box_chunk,
             "--captions-per-object": self.captioner.captions_per_object,

@@ -259,6 +259,8 @@ def _open_store_run(location: str, root: Path | None, require_parts: bool) -> Ru
         loc = open_location(location)
     except LocationError as exc:
         raise RunError(str(exc)) from None
+    if loc.local_path is not None and (loc.local_path / UNIT_LOG).exists():
+        return open_run(loc.local_path, root, require_parts)  # a run written to a local path
     manifest = read_store_manifest(loc)
     _check_version(loc.uri, manifest)
     try:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +101,40 @@ def test_file_uri_run_equals_a_local_run_through_engine_query(dataset, tmp_path,
     assert LOCK not in names  # released
 
 
+def test_a_run_on_shared_storage_reads_from_another_mount_point(dataset, tmp_path):
+    """Shared storage (NFS, a cluster file system) is the local-path code: the driver writes every
+    file, and the run records part names relative to its folder, so a process on another node
+    that mounts it elsewhere (here: another path to the same folder, in another process) reads
+    the same rows, as a path and as a file:// URI."""
+    out = tmp_path / "shared" / "run"
+    assert main(synth_args(dataset, str(out))) == 0
+    (tmp_path / "node2").mkdir()
+    (tmp_path / "node2" / "mnt").symlink_to(tmp_path / "shared")
+    elsewhere = tmp_path / "node2" / "mnt" / "run"
+    code = ("import json, sys; from engine.query import run_query; "
+            "print(json.dumps([run_query(a, sys.argv[1])[1] for a in sys.argv[2:]], default=str))")
+    proc = subprocess.run([sys.executable, "-c", code, SQL, str(elsewhere), f"file://{elsewhere}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    from_mount, from_uri = json.loads(proc.stdout)
+    expected = json.loads(json.dumps(run_query(out, SQL)[1], default=str))
+    assert from_mount == expected and from_uri == expected and len(expected) == 14
+
+
+def test_a_run_is_resumed_only_in_the_layout_it_was_written_in(dataset, tmp_path, capsys):
+    """A local-path run (unit log) and a URI run (commit objects) of one folder do not mix: each
+    is refused in the other's form, naming the form to use, and nothing is written."""
+    local, uri_dir = tmp_path / "local", tmp_path / "uri"
+    assert main(synth_args(dataset, str(local))) == 0
+    assert main(synth_args(dataset, f"file://{uri_dir}")) == 0
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    capsys.readouterr()
+    assert main(synth_args(dataset, f"file://{local}")) == 2
+    assert f"resume it as --out {local}" in capsys.readouterr().err
+    assert main(synth_args(dataset, str(uri_dir))) == 2
+    assert f"resume it as --out file://{uri_dir}" in capsys.readouterr().err
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
 def test_s3_run_on_loopback_reads_back_with_query_stats_and_export(dataset, tmp_path, s3,
                                                                    capsys):
     client, bucket, _ = s3
@@ -137,9 +172,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def kill_after_first_commit(args: list[str], commits, env: dict | None = None) -> None:
+def kill_after_first_commit(args: list[str], commits, env: dict | None = None) -> int:
     """Run `engine` with a slow masker in a child process; SIGKILL it once `commits()` (the
-    number of commit objects) is at least 1, while the run is still going."""
+    number of commit objects) is at least 1, while the run is still going. Returns its pid."""
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], cwd=ROOT,
                             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -149,6 +184,7 @@ def kill_after_first_commit(args: list[str], commits, env: dict | None = None) -
     assert proc.poll() is None, "run ended before it was killed: " + proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return proc.pid
 
 
 @pytest.mark.parametrize("kind", ["file", "s3"])
@@ -172,7 +208,9 @@ def test_killed_run_never_reads_orphans_and_resumes_to_the_clean_rows(
 
     args = synth_args(dataset, uri)
     args[args.index("box")] = "slowbox"
-    kill_after_first_commit(args, commits, env)
+    pid = kill_after_first_commit(args, commits, env)
+    scratch = Path(tempfile.gettempdir()).glob(f"mqengine-plan-{pid}-*")
+    assert list(scratch), "the killed driver's plan folder is expected to be left behind"
     done = commits()
     assert 1 <= done < 3
     store = RunStore(open_location(uri))
@@ -193,6 +231,7 @@ def test_killed_run_never_reads_orphans_and_resumes_to_the_clean_rows(
     monkeypatch.setitem(MASKERS, "slowbox", lambda cfg: Slow())
     assert main(args) == 0  # the dead holder's lock is taken over (same host, pid gone)
     assert not store.exists(orphan)
+    assert not list(Path(tempfile.gettempdir()).glob(f"mqengine-plan-{pid}-*"))  # dead: removed
     assert store.read("images/notes.txt") == b"mine"
     assert store.exists("images/part-2.parquet")
     clean = synth_args(dataset, str(tmp_path / "clean"))
@@ -203,6 +242,45 @@ def test_killed_run_never_reads_orphans_and_resumes_to_the_clean_rows(
         assert pyarrow_rows(uri, table) == pyarrow_rows(tmp_path / "clean", table)
     manifest = json.loads(store.read("manifest.json"))
     assert manifest["totals"]["images"] == 7 and len(manifest["units"]) == 3
+
+
+def test_an_endpoint_lost_mid_run_is_one_line_and_the_run_resumes(dataset, tmp_path, s3,
+                                                                  monkeypatch):
+    """The S3 server goes away after the first commit: the writer stops with one line (exit 2,
+    bounded retries), and the same command against the server back (another port, same data)
+    resumes to the rows of a clean run."""
+    from pipelines.maskers import MASKERS
+    from pipelines.maskers.box import BoxMasker
+
+    client, bucket, env = s3
+    own = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # moto keeps its
+    own.start()  # data in the process, so a second server on another port serves the same bucket
+    host, port = own.get_host_and_port()
+    args = synth_args(dataset, f"s3://{bucket}/run")
+    args[args.index("box")] = "slowbox"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], cwd=ROOT,
+                            env={**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not keys(client, bucket, "run/_units/"):
+        time.sleep(0.05)
+    own.stop()
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - started < 90
+    error = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "cannot reach the endpoint" in error[0], err
+    assert "Traceback" not in err
+
+    class Slow(BoxMasker):
+        pass
+
+    monkeypatch.setitem(MASKERS, "slowbox", lambda cfg: Slow())
+    assert main(args) == 0  # the shared fixture's server: the same bucket, another endpoint
+    clean = synth_args(dataset, str(tmp_path / "clean"))
+    clean[clean.index("box")] = "slowbox"
+    assert main(clean) == 0
+    assert run_query(f"s3://{bucket}/run", SQL) == run_query(tmp_path / "clean", SQL)
 
 
 def test_overwrite_on_s3_deletes_only_the_runs_own_objects(dataset, tmp_path, s3):
