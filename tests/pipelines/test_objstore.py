@@ -135,7 +135,7 @@ def test_a_run_is_resumed_only_in_the_layout_it_was_written_in(dataset, tmp_path
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before
 
 
-def test_s3_run_on_loopback_reads_back_with_query_stats_and_export(dataset, tmp_path, s3,
+def test_s3_run_on_loopback_reads_back_with_query_stats_export_show_report(dataset, tmp_path, s3,
                                                                    capsys):
     client, bucket, _ = s3
     uri = f"s3://{bucket}/runs/a"
@@ -153,6 +153,12 @@ def test_s3_run_on_loopback_reads_back_with_query_stats_and_export(dataset, tmp_
     exported = json.loads((tmp_path / "coco.json").read_text())
     assert exported["annotations"] == json.loads((tmp_path / "local.json").read_text())[
         "annotations"]
+    for run_dir, png in ((uri, "s3.png"), (str(tmp_path / "local"), "local.png")):
+        assert main(["show", run_dir, "--to", str(tmp_path / png)]) == 0
+    assert (tmp_path / "s3.png").read_bytes() == (tmp_path / "local.png").read_bytes()
+    assert main(["report", uri]) == 2  # no local folder to write beside: --out is needed
+    assert main(["report", uri, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "index.html").is_file()
     listed = keys(client, bucket, "runs/a/")
     assert "manifest.json" in listed and ".mqengine-run" in listed and LOCK not in listed
     assert sum(k.startswith("_units/unit-") for k in listed) == 3
