@@ -213,7 +213,7 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _changed_message(out: Path, old: dict, new: dict) -> str:
+def _changed_message(out: Path | str, old: dict, new: dict) -> str:
     """Name what differs between the run in `out` (resolved config `old`) and this one."""
     old_files, new_files = old.get("inputs") or {}, new.get("inputs") or {}
     files = sorted(p for p in {*old_files, *new_files} if old_files.get(p) != new_files.get(p))
@@ -278,8 +278,8 @@ def _open_checked_source(cfg: SynthesizeConfig, target: LocalOut | StoreOut):
     if hasattr(source, "use_image_dir"):  # embedded images are written into the run, not the data
         if target.image_dir is None and getattr(source, "embedded", False):
             raise ValueError(
-                f"--out {target.name}: source {source.name} embeds its images, and a run on "
-                "object storage cannot hold them for readers; use a local or shared --out"
+                f"--out {target.name}: source {source.name} embeds its images, and a run behind "
+                "a URI cannot hold them for readers; use a local or shared --out path"
             )
         source.use_image_dir(target.image_dir)
     data_root = Path(getattr(source, "dataset_dir", source.root))
@@ -326,7 +326,7 @@ def prepare(
     fp = fingerprint(resolved)
     if manifest is not None and manifest.data.get("fingerprint") != fp:
         if not cfg.overwrite:
-            raise ValueError(_changed_message(cfg.out, old.get("config", {}), resolved))
+            raise ValueError(_changed_message(target.name, old.get("config", {}), resolved))
         removed = target.clear(manifest.units)
         log.warning("--overwrite: removed %d files of the earlier run in %s", removed,
                     target.name)

@@ -289,7 +289,7 @@ def test_an_endpoint_lost_mid_run_is_one_line_and_the_run_resumes(dataset, tmp_p
     assert run_query(f"s3://{bucket}/run", SQL) == run_query(tmp_path / "clean", SQL)
 
 
-def test_overwrite_on_s3_deletes_only_the_runs_own_objects(dataset, tmp_path, s3):
+def test_overwrite_on_s3_deletes_only_the_runs_own_objects(dataset, tmp_path, s3, capsys):
     client, bucket, _ = s3
     uri = f"s3://{bucket}/run"
     assert main(synth_args(dataset, uri)) == 0
@@ -298,6 +298,7 @@ def test_overwrite_on_s3_deletes_only_the_runs_own_objects(dataset, tmp_path, s3
     client.put_object(Bucket=bucket, Key="beside/part-00000-aaaaaaaa.parquet", Body=b"x")
     first = set(keys(client, bucket, "run/"))
     assert main(synth_args(dataset, uri, "--unit-size", "2")) == 2  # changed: refused
+    assert f"{uri} holds a run with a different configuration" in capsys.readouterr().err
     assert main(synth_args(dataset, uri, "--unit-size", "2", "--overwrite")) == 0
     now = set(keys(client, bucket, "run/"))
     assert {"images/keep.txt", "notes.md"} <= now
