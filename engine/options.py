@@ -116,7 +116,9 @@ SYNTHESIZE_FLAGS = (
     Flag("keep_fallback", ("quality",), QUALITY,
          "Keep masks a method substituted for its failed output (e.g. grabcut's ellipse; "
          "labelled in mask_origin) instead of filtering them as mask_fallback."),
-    Flag("out", ("run",), EXECUTION, "Output folder (created; a rerun resumes it).",
+    Flag("out", ("run",), EXECUTION,
+         "Output folder, or file:///abs/path or s3://bucket/prefix (created; a rerun resumes "
+         "it; docs/scale.md 'Where --out lives').",
          default=Path("runs/demo")),
     Flag("unit_size", ("run",), EXECUTION,
          "Images per work unit (= per shard); default: chosen from the input size so that small "
