@@ -10,10 +10,11 @@ the process, kernel peak RSS of the process):
 - `scan`: the engine's one-pass reader (Python's C JSON scanner, element by element), parse only;
 - DuckDB `read_json` of the whole document (one JSON object: DuckDB parses it as one value), with
   a 1 GB memory limit, counting the annotations;
-- the engine's `build_index` (scan + Arrow columns + raw Parquet, then, the annotations being
-  grouped by image in `images` order, the sort-free write): all that planning a run costs (the
-  plan itself is one row per unit);
-- the same with the sort-free path switched off: the DuckDB sort an out-of-order file takes;
+- the engine's `build_index` (scan + Arrow columns; the annotations being grouped by image in
+  `images` order, they are written into the index during the scan): all that planning a run
+  costs (the plan itself is one row per unit);
+- the same with the sort-free paths switched off: the raw Parquet files and the DuckDB sort an
+  out-of-order file takes;
 - `build_index` + every ImageRecord built from the index (`records()`, what a consumer of the
   whole file gets; a run builds them unit by unit in its workers instead).
 Also: the peak RSS of a process that only imports the source (DuckDB, pyarrow, ijson): its fixed
@@ -92,27 +93,28 @@ def duckdb_side(path: Path) -> dict:
 
 
 def _index(path: Path, folder: Path, force_sort: bool = False):
-    from pipelines.sources import stream
+    from pipelines.sources import sortfree, stream
     from pipelines.sources.objects365 import Objects365Source
 
     phases = {}
 
-    def timed(name, real):  # the share of the time after the scan, and which path ran
+    def timed(name, real, path_name):  # the time after the scan, and which path wrote the index
         def run(*args):
             t = time.perf_counter()
             phases.setdefault("scan_s", t - t0)
             out = real(*args)
             phases[f"{name}_s"] = time.perf_counter() - t
-            if name == "order" and out:
-                phases["path"] = "sort-free"
-            elif name == "sort":
-                phases["path"] = "duckdb sort"
+            if out is not False and "path" not in phases:
+                phases["path"] = path_name
             return out
         return run
 
-    in_order = (lambda folder: False) if force_sort else stream._write_in_order
-    stream._write_in_order = timed("order", in_order)
-    stream._group = timed("sort", stream._group)
+    if force_sort:
+        stream.STREAM_IN_ORDER = False
+        sortfree.write_in_order = lambda folder: False
+    sortfree.AnnSink.finish = timed("finish", sortfree.AnnSink.finish, "sort-free, during the scan")
+    sortfree.write_in_order = timed("order", sortfree.write_in_order, "sort-free, after the scan")
+    stream._group = timed("sort", stream._group, "duckdb sort")
     t0 = time.perf_counter()
     source = Objects365Source("train", path.parent, path, version=2)
     source.cache_dir = folder
@@ -178,7 +180,7 @@ LABELS = {
     "scan": "scan: one pass, C json scanner (parse only)",
     "duckdb": "DuckDB read_json of the document (1 GB limit)",
     "index_sort": "engine build_index, DuckDB sort forced (the path before; out-of-order files)",
-    "index": "engine build_index (scan + columns + sort-free write) = planning",
+    "index": "engine build_index (scan + columns + sort-free write in the scan) = planning",
     "records": "engine build_index + records() (every ImageRecord)",
 }
 FLOORS = {"json": "bare", "ijson": "bare", "scan": "bare", "duckdb": "imports",

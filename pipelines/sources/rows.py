@@ -191,10 +191,53 @@ def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
 
 
 def image_table(items: list, start: int, path: Path) -> pa.Table:
-    """`images[start:start + len(items)]` -> rows of IMAGES_SCHEMA (a few per annotation file
-    entry: the per-entry checks are cheap next to the annotations')."""
+    """`images[start:start + len(items)]` -> rows of IMAGES_SCHEMA: whole columns when the batch
+    is uniform (`_uniform_image_table`), else entry by entry with every check."""
+    fast = _uniform_image_table(items, start)
+    if fast is not None:
+        return fast
     return _table([_image_row(item, start + i, path) for i, item in enumerate(items)],
                   IMAGES_SCHEMA)
+
+
+def _column(items: list, key: str) -> pa.Array | None:
+    """One key of every entry as an Arrow column of the type pyarrow infers; None when an entry
+    lacks it or the values do not share a type (1 and "1", 1 and true)."""
+    try:
+        return pa.array([item[key] for item in items])
+    except (KeyError, *_CONVERSION_ERRORS):
+        return None
+
+
+def _sizes(items: list, key: str) -> pa.Array | None:
+    """width/height: integers or nulls (absent or null: unknown), else None."""
+    values = pa.array([item.get(key) for item in items])
+    if values.type not in (_INT, pa.null()):
+        return None
+    return values.cast(_INT)
+
+
+def _uniform_image_table(items: list, start: int) -> pa.Table | None:
+    """The batch's columns in C when every entry is an object with an integer (or every one a
+    string) id and a string file_name, and integer or missing sizes; None otherwise (the entry
+    path then checks each entry and names the bad one)."""
+    if _types(items) != {dict}:
+        return None
+    ids, names = _column(items, "id"), _column(items, "file_name")
+    if ids is None or names is None or ids.null_count or names.null_count:
+        return None
+    if ids.type == _INT:
+        ids = pc.cast(ids, pa.string())
+    if ids.type != pa.string() or names.type != pa.string():
+        return None
+    try:
+        width, height = _sizes(items, "width"), _sizes(items, "height")
+    except _CONVERSION_ERRORS:
+        return None
+    if width is None or height is None:
+        return None
+    ords = pa.array(np.arange(start, start + len(items), dtype=np.int64))
+    return pa.Table.from_arrays([ords, ids, names, width, height], schema=IMAGES_SCHEMA)
 
 
 def ann_table(items: list, start: int, path: Path) -> pa.Table:
@@ -221,15 +264,16 @@ def _uniform_ann_table(items: list, start: int) -> pa.Table | None:
     n = len(items)
     if _types(items) != {dict}:
         return None
-    keys = set().union(*items)
-    # Every entry has every key: the lengths add up only if none is missing one.
-    if sum(map(len, items)) != n * len(keys) or not _REQUIRED <= keys or "segmentation" in keys:
-        return None
     try:
         struct = pa.array(items)
-        fields = {name: struct.field(name) for name in keys}
     except _CONVERSION_ERRORS:  # mixed types (1 and "1"), an id beyond int64...
         return None
+    # Every key any entry has; one an entry lacks is a null there, and a null in any column the
+    # index keeps declines the batch (cheaper than comparing key sets in Python).
+    keys = {field.name for field in struct.type}
+    if not _REQUIRED <= keys or "segmentation" in keys:
+        return None
+    fields = {name: struct.field(name) for name in keys}
     if any(fields[k].type != _INT or fields[k].null_count
            for k in ("id", "image_id", "category_id")):
         return None

@@ -10,7 +10,17 @@ import pytest
 
 from pipelines.sources import rows, scan
 from pipelines.sources.coco import CocoSource
-from pipelines.sources.rows import ANNS_SCHEMA, _ann_row, _table, _uniform_ann_table, ann_table
+from pipelines.sources.rows import (
+    ANNS_SCHEMA,
+    IMAGES_SCHEMA,
+    _ann_row,
+    _image_row,
+    _table,
+    _uniform_ann_table,
+    _uniform_image_table,
+    ann_table,
+    image_table,
+)
 
 
 def _doc(rng: random.Random, n_images: int = 30) -> dict:
@@ -130,6 +140,57 @@ def test_any_odd_entry_gives_the_per_entry_result(edit):
     if edit not in ("extra key", "missing key", "float attribute", "text attribute",
                     "list attribute"):
         assert _uniform_ann_table(items, 5) is None
+
+
+def _images(n: int = 30) -> list[dict]:
+    return [{"id": 5 + i, "file_name": f"{i}.jpg", "width": 640 + i, "height": 480, "url": ""}
+            for i in range(n)]
+
+
+def _slow_images(items: list, start: int):
+    return _table([_image_row(item, start + i, "f.json") for i, item in enumerate(items)],
+                  IMAGES_SCHEMA)
+
+
+IMAGE_EDITS = {
+    "text ids": lambda items: [item.update(id=f"a{i}") for i, item in enumerate(items)],
+    "no sizes": lambda items: [(item.pop("width"), item.pop("height")) for item in items],
+    "one size null": _bad("width", None),
+    "one size missing": lambda items: items[3].pop("height"),
+}
+ODD_IMAGES = {
+    "float id": _bad("id", 7.0),
+    "fractional id": _bad("id", 7.5),
+    "bool id": _bad("id", True),
+    "text and integer ids": _bad("id", "x"),
+    "huge id": _bad("id", 2**70),
+    "missing id": lambda items: items[4].pop("id"),
+    "null file name": _bad("file_name", None),
+    "file name a number": _bad("file_name", 3),
+    "float width": _bad("width", 640.5),
+    "bool height": _bad("height", True),
+    "text width": _bad("width", "640"),
+    "not an object": lambda items: items.__setitem__(2, [1, 2]),
+}
+
+
+@pytest.mark.parametrize("edit", [None, *IMAGE_EDITS], ids=["plain", *IMAGE_EDITS])
+def test_uniform_image_batches_take_the_column_path_and_equal_the_per_entry_rows(edit):
+    items = _images()
+    if edit:
+        IMAGE_EDITS[edit](items)
+    fast = _uniform_image_table(items, 9)
+    assert fast is not None
+    assert _same(fast, _slow_images(items, 9))
+
+
+@pytest.mark.parametrize("edit", list(ODD_IMAGES), ids=list(ODD_IMAGES))
+def test_any_odd_image_gives_the_per_entry_result(edit):
+    items = _images()
+    ODD_IMAGES[edit](items)
+    assert _uniform_image_table(items, 9) is None
+    assert (_outcome(lambda: image_table(items, 9, "f.json"))
+            == _outcome(lambda: _slow_images(items, 9)))
 
 
 def test_an_entry_that_is_not_an_object_is_still_a_file_error():
