@@ -39,6 +39,10 @@ RECORD_SCHEMA = pa.schema(
      ("width", pa.int64()), ("height", pa.int64()), ("duplicate", pa.bool_()),
      ("ann_start", pa.int64()), ("ann_count", pa.int64())]
 )
+# Dictionary-encode only the text that repeats (an image's id, Objects365's attributes, the few
+# error texts): the unique annotation ids and the floats gain nothing from it and it cost ~40% of
+# writing the file (measured on the 1M-box bench file: 0.84 s -> 0.35-0.53 s, 48 MB -> 42 MB).
+ANNS_ENCODING = {"use_dictionary": ["image_key", "attributes", "error"]}
 ANN_COLUMNS = ("image_key", "ann_key", "category_id", "x", "y", "w", "h", "iscrowd",
                "segmentation", "attributes", "error")
 
@@ -199,7 +203,7 @@ def write_in_order(folder: Path) -> bool:
                 table = sorted_anns(batch, walk.ordinals(batch.column("image_key")),
                                     duplicate[done:done + batch.num_rows])
                 done += batch.num_rows
-                writer = writer or pq.ParquetWriter(anns, table.schema)
+                writer = writer or pq.ParquetWriter(anns, table.schema, **ANNS_ENCODING)
                 writer.write_table(table, row_group_size=ROW_GROUP)
         finally:
             if writer is not None:
@@ -273,7 +277,7 @@ class AnnSink:
         self.ids.append(ids)
         # Provisional `duplicate`: repeated ids are rare; `finish` rewrites the column if any.
         out = sorted_anns(table, ordinals, np.zeros(len(ordinals), bool))
-        self.writer = self.writer or pq.ParquetWriter(self.final, out.schema)
+        self.writer = self.writer or pq.ParquetWriter(self.final, out.schema, **ANNS_ENCODING)
         self.writer.write_table(out, row_group_size=ROW_GROUP)
 
     def _to_raw(self) -> None:
@@ -333,7 +337,7 @@ class AnnSink:
             return
         tmp = self.final.with_name(self.final.name + ".tmp")
         done = 0
-        with pq.ParquetWriter(tmp, pq.read_schema(self.final)) as writer:
+        with pq.ParquetWriter(tmp, pq.read_schema(self.final), **ANNS_ENCODING) as writer:
             for batch in read_batches(self.final):
                 n = batch.num_rows
                 table = pa.Table.from_batches([batch]).set_column(
