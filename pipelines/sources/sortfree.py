@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.sources.rows import ANNS_SCHEMA, IMAGES_SCHEMA, ann_table
+from pipelines.sources.rows import ANNS_SCHEMA, IMAGES_SCHEMA, AnnDecoder, ann_table
 
 ROW_GROUP = 4_096  # rows per row group of the index: a unit reads a few of them
 WALK_ROWS = 16_384  # rows per batch when a written file is read back
@@ -250,11 +250,27 @@ class AnnSink:
         self.writer: pq.ParquetWriter | None = None
         self.raw: pq.ParquetWriter | None = None
         self.ids: list[np.ndarray] = []
+        self.decoder: AnnDecoder | None = None  # for `bulk`, from the first entry's keys/types
+        self.seen_first = False
 
     def add(self, items: list, start: int) -> None:
+        """A batch of entries decoded by the scanner."""
+        if not self.seen_first and items:
+            self.decoder, self.seen_first = AnnDecoder.for_entry(items[0]), True
         # Numbered by this sink, not by `start`: a key given twice continues the numbering.
-        table = ann_table(items, self.count, self.json_path)
-        self.count += len(items)
+        self._take(ann_table(items, self.count, self.json_path))
+
+    def bulk(self, text: str) -> int | None:
+        """The scanner's bulk path: a run of entries as JSON text; how many were taken, or None
+        (nothing taken: the scanner reads the text entry by entry instead)."""
+        table = self.decoder.table(text, self.count) if self.decoder is not None else None
+        if table is None:
+            return None
+        self._take(table)
+        return table.num_rows
+
+    def _take(self, table: pa.Table) -> None:
+        self.count += table.num_rows
         if self.ordered:
             try:
                 self._write_final(table)

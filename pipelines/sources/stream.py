@@ -193,7 +193,7 @@ def build_index(json_path: Path, folder: Path, memory_limit: str = "256MB") -> C
     try:
         with paused_gc():
             kept, types = scan(json_path, {"images": images.add, "annotations": anns.add},
-                               ("categories",), BATCH_ROWS)
+                               ("categories",), BATCH_ROWS, bulk={"annotations": anns.bulk})
     except (SyntaxProblem, UnicodeDecodeError) as e:
         _raise_syntax_error(json_path, e)
         raise AssertionError("unreachable") from None
