@@ -208,21 +208,18 @@ def image_table(items: list, start: int, path: Path) -> pa.Table:
                   IMAGES_SCHEMA)
 
 
-def _column(items: list, key: str) -> pa.Array | None:
-    """One key of every entry as an Arrow column of the type pyarrow infers; None when an entry
-    lacks it or the values do not share a type (1 and "1", 1 and true)."""
+def _column(items: list, key: str, types: set) -> pa.Array | None:
+    """One key of every entry as an Arrow column, when every value's exact type is in `types`;
+    None otherwise (or when an entry lacks the key: `types` without NoneType). Types are checked
+    in Python before pyarrow sees the values: its inference recursed into a 20k-deep value and
+    crashed the process."""
+    values = [item.get(key) for item in items]
+    if not set(map(type, values)) <= types:
+        return None
     try:
-        return pa.array([item[key] for item in items])
-    except (KeyError, *_CONVERSION_ERRORS):
+        return pa.array(values)
+    except _CONVERSION_ERRORS:  # an id beyond int64
         return None
-
-
-def _sizes(items: list, key: str) -> pa.Array | None:
-    """width/height: integers or nulls (absent or null: unknown), else None."""
-    values = pa.array([item.get(key) for item in items])
-    if values.type not in (_INT, pa.null()):
-        return None
-    return values.cast(_INT)
 
 
 def _uniform_image_table(items: list, start: int) -> pa.Table | None:
@@ -231,21 +228,18 @@ def _uniform_image_table(items: list, start: int) -> pa.Table | None:
     path then checks each entry and names the bad one)."""
     if _types(items) != {dict}:
         return None
-    ids, names = _column(items, "id"), _column(items, "file_name")
-    if ids is None or names is None or ids.null_count or names.null_count:
+    ids = _column(items, "id", {int})
+    if ids is None:
+        ids = _column(items, "id", {str})
+    names = _column(items, "file_name", {str})
+    width, height = (_column(items, k, {int, type(None)}) for k in ("width", "height"))
+    if ids is None or names is None or width is None or height is None:
         return None
     if ids.type == _INT:
         ids = pc.cast(ids, pa.string())
-    if ids.type != pa.string() or names.type != pa.string():
-        return None
-    try:
-        width, height = _sizes(items, "width"), _sizes(items, "height")
-    except _CONVERSION_ERRORS:
-        return None
-    if width is None or height is None:
-        return None
     ords = pa.array(np.arange(start, start + len(items), dtype=np.int64))
-    return pa.Table.from_arrays([ords, ids, names, width, height], schema=IMAGES_SCHEMA)
+    return pa.Table.from_arrays([ords, ids, names, width.cast(_INT), height.cast(_INT)],
+                                schema=IMAGES_SCHEMA)
 
 
 def ann_table(items: list, start: int, path: Path) -> pa.Table:
@@ -272,16 +266,18 @@ def _uniform_ann_table(items: list, start: int) -> pa.Table | None:
     n = len(items)
     if _types(items) != {dict}:
         return None
+    keys = set().union(*items)
+    # Every entry has every key: the lengths add up only if none is missing one. Checked before
+    # pyarrow sees the entries: its inference recursed into a 20k-deep segmentation and crashed.
+    if sum(map(len, items)) != n * len(keys) or not _REQUIRED <= keys or "segmentation" in keys:
+        return None
+    if not _flat(items, keys):
+        return None
     try:
         struct = pa.array(items)
+        fields = {name: struct.field(name) for name in keys}
     except _CONVERSION_ERRORS:  # mixed types (1 and "1"), an id beyond int64...
         return None
-    # Every key any entry has; one an entry lacks is a null there, and a null in any column the
-    # index keeps declines the batch (cheaper than comparing key sets in Python).
-    keys = {field.name for field in struct.type}
-    if not _REQUIRED <= keys or "segmentation" in keys:
-        return None
-    fields = {name: struct.field(name) for name in keys}
     if any(fields[k].type != _INT or fields[k].null_count
            for k in ("id", "image_id", "category_id")):
         return None
@@ -289,6 +285,23 @@ def _uniform_ann_table(items: list, start: int) -> pa.Table | None:
     if box is None:
         return None
     return _columns(fields, box, keys, start, n)
+
+
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+
+
+def _flat(items: list, keys: set) -> bool:
+    """Every value a scalar (bbox: a list of scalars). Checked in Python before pyarrow infers
+    the batch's types: its inference recursed into a 20k-deep value and crashed the process."""
+    for key in keys:
+        values = [item[key] for item in items]
+        if key == "bbox":
+            if set(map(type, values)) != {list}:
+                return False
+            values = list(chain.from_iterable(values))
+        if not set(map(type, values)) <= _SCALARS:
+            return False
+    return True
 
 
 def _boxes(bbox: pa.Array, items: list) -> list[pa.Array] | None:
@@ -390,7 +403,7 @@ class AnnDecoder:
         range) or the text is not such a run, e.g. it ends inside an entry."""
         try:
             anns = self.decoder.decode("[" + text + "]")
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None
         n = len(anns)
         try:

@@ -248,7 +248,7 @@ def _array(t: _Text, consumer: Consumer, batch: int, bulk: Bulk | None = None) -
     scan_once, sep = _scan_once, _SEP.match
     text, pos = t.text, t.pos
     limit = len(text) - LOOKAHEAD
-    fresh, declined = bulk is not None, 0  # fresh: this window not yet offered to bulk
+    offered, declined = None, 0  # the window last offered to bulk (each refill makes a new one)
     while True:
         if pos > limit and not t.eof:
             t.pos = pos
@@ -256,13 +256,12 @@ def _array(t: _Text, consumer: Consumer, batch: int, bulk: Bulk | None = None) -
             t.skip_ws()  # the blanks after a ',' may have been cut by the window
             text, pos = t.text, t.pos
             limit = len(text) - LOOKAHEAD
-            fresh = bulk is not None and declined < BULK_TRIES
-        if fresh and items:  # flushed first: file order is kept
-            consumer(items, done)
-            done += len(items)
-            items = []
-        if fresh:
-            fresh = False
+        if bulk is not None and text is not offered and declined < BULK_TRIES:
+            offered = text
+            if items:  # flushed first: file order is kept
+                consumer(items, done)
+                done += len(items)
+                items = []
             run = _bulk_run(text, pos, bulk)
             if run is None:
                 declined += 1
