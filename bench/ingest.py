@@ -23,7 +23,7 @@ the bare interpreter's, measured too).
 
 Self-check: every variant counts every image and box of the file.
 
-    .venv/bin/python bench/ingest.py [--quick]
+    .venv/bin/python bench/ingest.py [--quick] [--repeat 3] [--variants json,scan,index]
 """
 
 from __future__ import annotations
