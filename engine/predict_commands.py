@@ -3,6 +3,9 @@
     engine predict --checkpoint runs/mq/last.pt --images photos/ --task instance \
         --classes dog,cat --out preds/
 
+--classes defaults to the vocabulary the checkpoint was trained on (names and isthing, stored by
+`engine train`); summary.json says which was used (classes_from: "--classes" or "checkpoint").
+
 What DIR (--out) receives (NAME = the image's file name without its suffix):
 - overlay/NAME.png            every task: the image with the prediction drawn on it
 - results.json + images.json  instance, detection, referring: COCO results (RLE masks, xywh boxes,
@@ -14,7 +17,8 @@ What DIR (--out) receives (NAME = the image's file name without its suffix):
 - alpha/NAME.png              foreground: the model's foreground probability x 255; matting: the
                               alpha matte solved from the mask (pipelines.matting.refine), with
                               mask/NAME.png the binary mask it refined and matting.json per image
-- summary.json                task, checkpoint, texts, images, images/s, unreadable files
+- summary.json                task, checkpoint, texts, classes + classes_from, images, images/s,
+                              unreadable files
 Images are decoded with their EXIF orientation applied (what a viewer shows). Writes are atomic.
 The model path (preprocessing, inference, mapping back) is `engine eval`'s: see model/predict.py.
 """
@@ -52,19 +56,16 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 # ------------------------------------------------------------------------------------- inputs
 def load_checkpoint(path: Path) -> dict:
-    """The state dict `engine train` wrote; one-line errors for a missing or foreign file."""
-    import torch
+    """The state `engine train` wrote, verified (model.checkpoint.load_checkpoint_file, the path
+    eval and the mqformer masker take); one-line errors naming --checkpoint."""
+    from model.checkpoint import load_checkpoint_file
 
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises pickle, zip and runtime errors alike
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--checkpoint {path} cannot be read: {reason}") from None
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise ValueError(f"--checkpoint {path} is not an `engine train` checkpoint")
-    return state
+        return load_checkpoint_file(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"--checkpoint {exc}") from None
 
 
 def image_files(path: Path) -> list[Path]:
@@ -333,7 +334,8 @@ def predict_command(
     prompt: Annotated[list[str] | None, typer.Option(
         help="Referring expression (repeat for several); matting: the object to matte.")] = None,
     classes: Annotated[str | None, typer.Option(
-        help="Category names, comma-separated (instance, detection, semantic, panoptic).")]
+        help="Category names, comma-separated (instance, detection, semantic, panoptic); "
+             "default: the checkpoint's training vocabulary.")]
     = None,
     stuff: Annotated[str | None, typer.Option(
         help="Panoptic: which of --classes are stuff (merged per class).")] = None,
@@ -349,11 +351,12 @@ def predict_command(
         help="Matting/foreground: folder of GT alphas NAME.png; scores alpha vs mask.")] = None,
 ) -> None:
     """Run a trained MQ-Former on images: overlays plus COCO results, label maps or alphas."""
+    from model.inference import input_size
     from model.predict import to_original
     from pipelines.devices import resolve_device
     from pipelines.matting import METHODS
 
-    texts, names, is_thing = _texts(task, prompt, classes, stuff)
+    _check_prompts(task, prompt, classes, stuff)
     if batch_size < 1 or top_k < 1:
         raise ValueError(f"--batch-size and --top-k must be >= 1, got {batch_size}, {top_k}")
     if matting_method not in METHODS:
@@ -362,11 +365,10 @@ def predict_command(
     files = image_files(images)
     _check_alpha_dir(alpha, task, files)
     state = load_checkpoint(checkpoint)
-    size = image_size or state["config"].get("data", {}).get("image_size", 512)
-    if size < 64 or size % 32:
-        raise ValueError(f"--image-size must be a multiple of 32 and >= 64, got {size}")
+    texts, names, is_thing, classes_from = _texts(task, prompt, classes, stuff, state, checkpoint)
+    size = input_size(state, image_size)
     resolved = resolve_device(device)
-    model = _model(state, resolved)
+    model = _model(state, checkpoint, resolved)
     writer = Writer(out, task, names, is_thing, score_threshold, matting_method, alpha)
     failed: list[dict] = []
     start = time.perf_counter()
@@ -384,7 +386,8 @@ def predict_command(
         raise ValueError(f"--images {images}: no image could be decoded ({failed[0]['reason']})")
     written = writer.finish()
     summary = {"task": task, "checkpoint": str(checkpoint), "step": state.get("step"),
-               "texts": texts, "image_size": size, "device": str(resolved),
+               "texts": texts, "classes": names if classes_from != "prompt" else None,
+               "classes_from": classes_from, "image_size": size, "device": str(resolved),
                "images": len(writer.images), "seconds": seconds,
                "images_per_s": len(writer.images) / seconds if seconds else None,
                "failed": failed,
@@ -402,40 +405,68 @@ def predict_command(
                       f"{means['mask_mse']:.5f} SAD {means['mask_sad']:.3f}", highlight=False)
 
 
-def _texts(task: str, prompt: list[str] | None, classes: str | None,
-           stuff: str | None) -> tuple[list[str], list[str], list[bool]]:
-    """--task/--prompt/--classes/--stuff -> (texts the model scores, their names, thing flags)."""
-    from model.predict import VOCAB_TASKS, prompt_texts
+def _check_prompts(task: str, prompt: list[str] | None, classes: str | None,
+                   stuff: str | None) -> None:
+    """The text flags' checks that need no checkpoint (run before it is read)."""
+    from model.predict import prompt_texts
+    from model.tasks import VOCAB_TASKS
 
     names = _split(classes)
-    stuff_names = _split(stuff)
     if len(set(names)) != len(names):
         raise ValueError(f"--classes lists a name twice: {classes}")
-    unknown = [s for s in stuff_names if s not in names]
-    if unknown:
-        raise ValueError(f"--stuff {unknown[0]!r} is not one of --classes {classes}")
-    if stuff_names and task != "panoptic":
+    if names and any(s not in names for s in _split(stuff)):
+        unknown = next(s for s in _split(stuff) if s not in names)
+        raise ValueError(f"--stuff {unknown!r} is not one of --classes {classes}")
+    if _split(stuff) and task != "panoptic":
         raise ValueError("--stuff applies to --task panoptic only")
     if prompt and task not in ("referring", "matting"):
         raise ValueError(f"--prompt applies to --task referring or matting, not {task}")
     if prompt and any(not p.strip() for p in prompt):
         raise ValueError("--prompt is empty")
+    if task not in VOCAB_TASKS:  # unknown task, prompt count; class names wait for the checkpoint
+        prompt_texts(task, names, prompt)
+
+
+def _texts(task: str, prompt: list[str] | None, classes: str | None, stuff: str | None,
+           state: dict, checkpoint: Path) -> tuple[list[str], list[str], list[bool], str]:
+    """--task/--prompt/--classes/--stuff -> (texts the model scores, their names, thing flags,
+    where the names came from: "--classes", "checkpoint" (the training vocabulary) or "prompt")."""
+    from model.checkpoint import training_vocabulary
+    from model.predict import prompt_texts
+    from model.tasks import VOCAB_TASKS
+
+    names, stuff_names = _split(classes), _split(stuff)
+    classes_from = "--classes" if names else "prompt"
+    trained_stuff: list[str] = []
+    if task in VOCAB_TASKS and not names:
+        vocabulary = training_vocabulary(state)
+        if not vocabulary or not vocabulary[0]:
+            why = ("stores no training vocabulary (written before checkpoints kept one)"
+                   if vocabulary is None else "was trained without class names")
+            raise ValueError(f"--task {task} needs --classes a,b,c (the category names): "
+                             f"--checkpoint {checkpoint} {why}")
+        names, classes_from = vocabulary[0], "checkpoint"
+        trained_stuff = [n for n, thing in zip(*vocabulary, strict=True) if not thing]
+        unknown = [s for s in stuff_names if s not in names]
+        if unknown:
+            raise ValueError(f"--stuff {unknown[0]!r} is not one of the checkpoint's classes "
+                             f"{','.join(names)}")
     texts = prompt_texts(task, names, prompt)
-    if task not in VOCAB_TASKS:
-        names = list(texts)
-    return texts, names, [n not in stuff_names for n in names]
+    if task not in VOCAB_TASKS:  # the names are the prompts (any --classes is not scored)
+        names, classes_from = list(texts), "prompt"
+    stuff_set = set(stuff_names) if stuff_names else set(trained_stuff)
+    return texts, names, [n not in stuff_set for n in names], classes_from
 
 
-def _model(state: dict, device):
+def _model(state: dict, checkpoint: Path, device):
     import torch
 
-    from model.inference import load_model
+    from model.inference import rebuild_model
 
     try:
-        model = load_model(state)
-    except (KeyError, RuntimeError) as exc:  # a config or weights of another model version
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--checkpoint: cannot rebuild the model: {reason}") from None
+        model = rebuild_model(state, checkpoint)
+    except ValueError as exc:
+        raise ValueError(f"--checkpoint {exc}") from None
     torch.manual_seed(0)
     return model.to(device)
 

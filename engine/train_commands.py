@@ -8,7 +8,8 @@ key (model.mixture). Both raise ValueError/FileNotFoundError, which engine/cli.p
 into one line and exit code 2.
 
 train writes DIR/last.pt (overwritten at every checkpoint; holds the resolved TrainConfig with the
-data options under `data`, so eval can rebuild the model and its input size), DIR/metrics.jsonl and
+data options under `data`, so eval can rebuild the model and its input size, and the training
+vocabulary, data.vocabulary = {names, isthing}, predict's default classes), DIR/metrics.jsonl and
 DIR/tensorboard/. eval prints a table and writes the metrics as JSON (default: next to the
 checkpoint, eval-<task>-<data folder name>.json).
 """
@@ -18,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,12 +35,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from model.mixture import MASK_KINDS
-
 # torch and the model are imported inside the commands: `engine query` etc. stay fast to start.
 console = Console(stderr=True)
 CHECKPOINT_NAME = "last.pt"
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _one_of(flag: str, value: str, choices) -> str:
@@ -60,13 +58,13 @@ def _image_size(value: int) -> int:
 
 
 def _device(value: str) -> str:
-    import torch
+    """--device through pipelines.devices.resolve_device (auto -> cuda when visible, else cpu)."""
+    from pipelines.devices import resolve_device
 
-    _one_of("--device", value, DEVICES)
-    if value == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
-    return "cuda" if value == "auto" and torch.cuda.is_available() else \
-        ("cpu" if value == "auto" else value)
+    try:
+        return str(resolve_device(value))
+    except ValueError as exc:
+        raise ValueError(f"--device: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -107,7 +105,7 @@ def train_command(
 ) -> None:
     """Train MQ-Former on a weighted mixture of shard folders (mix.yaml)."""
     from model.build import MODEL_SIZES
-    from model.data import MixtureLoader
+    from model.loader import MixtureLoader
     from model.mixture import load_mixture
     from model.mqformer import QUERY_MODES
     from model.text import TEXT_ENCODERS
@@ -154,6 +152,8 @@ def train_command(
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: each rank draws its own batches
     loader = MixtureLoader(mix, image_size=image_size, batch_size=batch_size, seed=seed + rank,
                            train=True, cache_images=cache_images)
+    # Saved with every checkpoint (config["data"]): predict's default --classes.
+    config.data["vocabulary"] = loader.vocabulary()
     if rank:
         train(config, loader)
         return
@@ -262,43 +262,17 @@ def eval_command(
         help="Image root overriding the --data manifest's (data moved).")] = None,
 ) -> None:
     """Evaluate a checkpoint on one task of a shard folder; print and write the metrics."""
-    import torch
+    from model.inference import EvalConfig, evaluate_checkpoint
 
-    from model.checkpoint import load_checkpoint_file
-    from model.data import ShardSet, iter_eval_samples
-    from model.inference import TASKS, Evaluator, dataset_categories, load_model, run_model
-
-    _one_of("--task", task, TASKS)
-    _at_least("--batch-size", batch_size, 1)
-    if limit is not None:
-        _at_least("--limit", limit, 1)
-    mask_kinds = [m.strip() for m in masks.split(",") if m.strip()]
-    for m in mask_kinds or [""]:
-        _one_of("--masks", m, MASK_KINDS)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
-    if root is not None and not root.is_dir():
-        raise FileNotFoundError(f"--root {root} is not a folder")
-    device = _device(device)
-    state = load_checkpoint_file(checkpoint)
-    size = _image_size(image_size or state["config"].get("data", {}).get("image_size", 512))
-    shards = ShardSet(data, root=root)  # raises when --data is not a readable run
-    vocab, is_thing = dataset_categories(shards, keep_only=not all_objects)
-    torch.manual_seed(0)  # the matcher's random points: the same figures on every run
-    model = load_model(state).to(device)
-    evaluator = Evaluator(task, vocab, is_thing,
-                          num_points=state["config"].get("num_points", 12544))
-    samples = iter_eval_samples(data, task, size, masks=tuple(mask_kinds),
-                                keep_only=not all_objects, root=root)
-    start = time.perf_counter()
-    for sample, output in run_model(model, islice(samples, limit), device, batch_size):
-        evaluator.add(sample, output)
-    result = evaluator.result()
-    result.update(checkpoint=str(checkpoint), step=state.get("step"), data=str(data),
-                  image_size=size, seconds=time.perf_counter() - start)
+    config = EvalConfig(checkpoint, data, task, image_size, batch_size, device,
+                        tuple(m.strip() for m in masks.split(",") if m.strip()),
+                        keep_only=not all_objects, limit=limit, root=root)
+    result = evaluate_checkpoint(config)
     out = out or checkpoint.parent / f"eval-{task}-{data.resolve().name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)  # atomic: a reader never sees half a metrics file
     _print_eval(result)
     console.print(f"wrote {out}")
 
@@ -309,7 +283,8 @@ def _print_eval(result: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result["metrics"].items():
-        table.add_row(k, _fmt(v))
+        for name, value in (v.items() if isinstance(v, dict) else [(None, v)]):
+            table.add_row(k if name is None else f"{k}: {escape(name)}", _fmt(value))
     for k, v in result["query_split"].items():
         table.add_row(f"query split: {k}", _fmt(v))
     Console().print(table)

@@ -120,7 +120,17 @@ def load_checkpoint_file(path: Path, map_location: str = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises a dozen types for bad bytes
-        raise ValueError(f"{path}: not a readable checkpoint ({_reason(exc)})") from exc
+        raise ValueError(f"{path}: not a readable checkpoint (the file cannot be read as one: "
+                         f"{_reason(exc)})") from exc
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise ValueError(f"{path}: not an `engine train` checkpoint (no model/config entries)")
     return state
+
+
+def training_vocabulary(state: dict) -> tuple[list[str], list[bool]] | None:
+    """(category names, isthing per name) the checkpoint's run trained on, as `engine train`
+    stores them in config["data"]["vocabulary"]; None for a checkpoint written before it did."""
+    vocab = state.get("config", {}).get("data", {}).get("vocabulary")
+    if vocab is None:
+        return None
+    return list(vocab["names"]), [bool(t) for t in vocab["isthing"]]

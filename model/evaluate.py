@@ -131,7 +131,7 @@ def instance_ap(gt_images: list[dict], predictions: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------- panoptic PQ
-def _pq_image(gt: list[dict], pred: list[dict], stats: dict) -> None:
+def pq_image(gt: list[dict], pred: list[dict], stats: dict) -> None:
     """Accumulate per-category TP/FP/FN/IoU sums of one image (segments with bool masks)."""
     labelled = np.zeros_like(gt[0]["mask"]) if gt else None
     for g in gt:
@@ -193,6 +193,20 @@ def _pq_average(stats: dict, cats: list[str]) -> dict:
     )
 
 
+def pq_summary(stats: dict, isthing: dict[str, bool]) -> dict:
+    """{"all", "things", "stuff", "per_class"} of accumulated per-category PQ statistics."""
+    unknown = sorted(set(stats) - set(isthing))
+    if unknown:
+        raise ValueError(f"categories {unknown} missing from isthing")
+    cats = sorted(stats)
+    return {
+        "all": _pq_average(stats, cats),
+        "things": _pq_average(stats, [c for c in cats if isthing[c]]),
+        "stuff": _pq_average(stats, [c for c in cats if not isthing[c]]),
+        "per_class": {c: _pq_average(stats, [c])["PQ"] for c in cats},
+    }
+
+
 def panoptic_quality(
     gt_images: list[dict], pred_images: list[dict], isthing: dict[str, bool]
 ) -> dict:
@@ -209,20 +223,39 @@ def panoptic_quality(
     for gt, pred in zip(gt_images, pred_images, strict=True):
         gt = [{**g, "mask": _as_bool(g["mask"]), "iscrowd": bool(g.get("iscrowd"))} for g in gt]
         pred = [{**p, "mask": _as_bool(p["mask"])} for p in pred]
-        _pq_image(gt, pred, stats)
-    unknown = sorted(set(stats) - set(isthing))
-    if unknown:
-        raise ValueError(f"categories {unknown} missing from isthing")
-    cats = sorted(stats)
-    return {
-        "all": _pq_average(stats, cats),
-        "things": _pq_average(stats, [c for c in cats if isthing[c]]),
-        "stuff": _pq_average(stats, [c for c in cats if not isthing[c]]),
-        "per_class": {c: _pq_average(stats, [c])["PQ"] for c in cats},
-    }
+        pq_image(gt, pred, stats)
+    return pq_summary(stats, isthing)
 
 
 # ------------------------------------------------------------------------------ semantic / refer
+def confusion_update(conf: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+                     ignore_index: int = 255) -> None:
+    """Add one image's (H, W) GT and predicted label maps to the (C, C) confusion matrix."""
+    num_classes = len(conf)
+    gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
+    valid = gt != ignore_index
+    if np.any((gt[valid] < 0) | (gt[valid] >= num_classes)):
+        raise ValueError(f"GT label outside 0..{num_classes - 1} (ignore {ignore_index})")
+    if np.any((pred[valid] < 0) | (pred[valid] >= num_classes)):
+        raise ValueError(f"predicted label outside 0..{num_classes - 1}")
+    conf += np.bincount(
+        gt[valid] * num_classes + pred[valid], minlength=num_classes**2
+    ).reshape(num_classes, num_classes)
+
+
+def miou_from_confusion(conf: np.ndarray) -> dict:
+    """{"mIoU", "pixel_acc", "iou"} of a confusion matrix (classes never seen left out)."""
+    inter = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    total = conf.sum()
+    return {
+        "mIoU": float(np.nanmean(iou)) if np.any(union > 0) else 0.0,
+        "pixel_acc": float(inter.sum() / total) if total else 0.0,
+        "iou": iou,
+    }
+
+
 def semantic_miou(
     gt_maps: list[np.ndarray],
     pred_maps: list[np.ndarray],
@@ -236,36 +269,19 @@ def semantic_miou(
     """
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     for gt, pred in zip(gt_maps, pred_maps, strict=True):
-        gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
-        valid = gt != ignore_index
-        if np.any((gt[valid] < 0) | (gt[valid] >= num_classes)):
-            raise ValueError(f"GT label outside 0..{num_classes - 1} (ignore {ignore_index})")
-        if np.any((pred[valid] < 0) | (pred[valid] >= num_classes)):
-            raise ValueError(f"predicted label outside 0..{num_classes - 1}")
-        conf += np.bincount(
-            gt[valid] * num_classes + pred[valid], minlength=num_classes**2
-        ).reshape(num_classes, num_classes)
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-    total = conf.sum()
-    return {
-        "mIoU": float(np.nanmean(iou)) if np.any(union > 0) else 0.0,
-        "pixel_acc": float(inter.sum() / total) if total else 0.0,
-        "iou": iou,
-    }
+        confusion_update(conf, gt, pred, ignore_index)
+    return miou_from_confusion(conf)
 
 
-def referring_iou(gt_masks: list, pred_masks: list) -> dict:
-    """cIoU = sum of intersections / sum of unions; mIoU = mean per-expression IoU (empty/empty =
-    1)."""
-    inters, unions = [], []
-    for gt, pred in zip(gt_masks, pred_masks, strict=True):
-        g, p = _as_bool(gt), _as_bool(pred)
-        if g.shape != p.shape:
-            raise ValueError(f"mask shapes differ: GT {g.shape}, prediction {p.shape}")
-        inters.append(int(np.logical_and(g, p).sum()))
-        unions.append(int(np.logical_or(g, p).sum()))
+def mask_overlap(gt, pred) -> tuple[int, int]:
+    """(intersection, union) pixel counts of two masks of one size."""
+    g, p = _as_bool(gt), _as_bool(pred)
+    if g.shape != p.shape:
+        raise ValueError(f"mask shapes differ: GT {g.shape}, prediction {p.shape}")
+    return int(np.logical_and(g, p).sum()), int(np.logical_or(g, p).sum())
+
+
+def iou_summary(inters: list[int], unions: list[int]) -> dict:
     if not inters:
         raise ValueError("referring_iou needs at least one expression")
     ious = [i / u if u else 1.0 for i, u in zip(inters, unions, strict=True)]
@@ -273,21 +289,27 @@ def referring_iou(gt_masks: list, pred_masks: list) -> dict:
     return {"cIoU": sum(inters) / total_union if total_union else 1.0, "mIoU": float(np.mean(ious))}
 
 
+def referring_iou(gt_masks: list, pred_masks: list) -> dict:
+    """cIoU = sum of intersections / sum of unions; mIoU = mean per-expression IoU (empty/empty =
+    1)."""
+    pairs = [mask_overlap(g, p) for g, p in zip(gt_masks, pred_masks, strict=True)]
+    return iou_summary([i for i, _ in pairs], [u for _, u in pairs])
+
+
+def squared_error(gt, pred) -> float:
+    """mean((pred - gt)^2) of one image's (H, W) maps in [0, 1] (bool GT allowed)."""
+    g, p = np.asarray(gt, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    if g.shape != p.shape:
+        raise ValueError(f"map shapes differ: GT {g.shape}, prediction {p.shape}")
+    if g.min(initial=0) < 0 or g.max(initial=0) > 1 or p.min(initial=0) < 0 \
+            or p.max(initial=0) > 1:
+        raise ValueError("foreground maps must lie in [0, 1]")
+    return float(np.mean((p - g) ** 2))
+
+
 def foreground_mse(gt_maps: list[np.ndarray], pred_maps: list[np.ndarray]) -> float:
     """Mean over images of mean((pred - gt)^2); maps are (H, W) in [0, 1] (bool GT allowed)."""
-    errors = []
-    for gt, pred in zip(gt_maps, pred_maps, strict=True):
-        g, p = np.asarray(gt, dtype=np.float64), np.asarray(pred, dtype=np.float64)
-        if g.shape != p.shape:
-            raise ValueError(f"map shapes differ: GT {g.shape}, prediction {p.shape}")
-        if (
-            g.min(initial=0) < 0
-            or g.max(initial=0) > 1
-            or p.min(initial=0) < 0
-            or p.max(initial=0) > 1
-        ):
-            raise ValueError("foreground maps must lie in [0, 1]")
-        errors.append(float(np.mean((p - g) ** 2)))
+    errors = [squared_error(g, p) for g, p in zip(gt_maps, pred_maps, strict=True)]
     if not errors:
         raise ValueError("foreground_mse needs at least one image")
     return float(np.mean(errors))

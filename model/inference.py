@@ -1,17 +1,20 @@
-"""Model outputs -> per-task predictions at the original image size -> the metrics of evaluate.py.
+"""Model outputs -> per-task predictions at the original image size -> streaming metrics.
 
-    model = load_model(checkpoint_state)                       # rebuilt from the saved config
+    state, model = load_trained(Path("runs/mq/last.pt"))       # verified, rebuilt from its config
     evaluator = Evaluator(task, vocab, is_thing)
     for sample, output in run_model(model, iter_eval_samples(dir, task, size), device, 4):
         evaluator.add(sample, output)
     metrics = evaluator.result()
 
-Frames: the model sees the (S, S) padded input; model/postprocess.py turns one sample's outputs
-into masks / maps / boxes on that padded input, and `model.transforms.unpad_resize` (masks, maps) or
-`boxes_to_original` (boxes) map them back to the original (height, width) pixels, where the ground
-truth of `model.data.iter_eval_samples` lives. Predicted category names come from the dataset
+or all of it, as `engine eval` runs it: evaluate_checkpoint(EvalConfig(checkpoint, data, task)).
+
+Frames: the model sees the (S, S) padded input; the task's record (model/tasks.py) runs its
+model/postprocess.py function on that padded input and maps the result back through model/frames.py
+to the original (height, width) pixels, where the ground
+truth of `model.eval_data.iter_eval_samples` lives. Predicted category names come from the dataset
 vocabulary: for instance, detection, semantic and panoptic the sample's text k is the template of
-vocab[k] (model/data.py builds them that way).
+vocab[k] (model/tasks.py plan_targets builds them that way). The metric is the record's streaming
+class (model/metrics.py): nothing at full resolution outlives its image.
 
 The evaluator also runs the Hungarian matcher on the final decoder stage against the eval targets
 and counts which query type (conditional / learnable) took each thing and stuff target: the paper's
@@ -20,24 +23,31 @@ query-type diagnostic, measured on held-out data.
 
 from __future__ import annotations
 
-import json
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 
-import numpy as np
 import torch
 
-from model import evaluate as M
-from model import transforms as T
 from model.build import build_mqformer
+from model.checkpoint import load_checkpoint_file
 from model.criterion import count_matches_by_type
-from model.data import ShardSet
+from model.eval_data import iter_eval_samples
+from model.frames import boxes_to_original, segments_to_original
 from model.matcher import HungarianMatcher
+from model.mixture import MASK_KINDS
 from model.mqformer import MQFormer
-from model.postprocess import POSTPROCESSORS
-from schemas import masks as mask_codec
+from model.shards import ShardSet
+from model.tasks import TASKS as TASK_RECORDS
+from model.tasks import task_record
 
-TASKS = tuple(POSTPROCESSORS)
+TASKS = tuple(TASK_RECORDS)  # the task names (engine flags)
+__all__ = ["TASKS", "EvalConfig", "Evaluator", "boxes_to_original", "dataset_categories",
+           "evaluate_checkpoint", "input_size", "load_model", "load_trained", "query_split",
+           "rebuild_model", "run_model", "segments_to_original"]
 
 
 def load_model(state: dict) -> MQFormer:
@@ -54,19 +64,92 @@ def load_model(state: dict) -> MQFormer:
     return model.eval()
 
 
+def rebuild_model(state: dict, path: Path) -> MQFormer:
+    """load_model, with a config or weights of another model version as one line naming `path`."""
+    try:
+        return load_model(state)
+    except (KeyError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ValueError(f"{path}: the model cannot be rebuilt from this checkpoint "
+                         f"({type(exc).__name__}: {first})") from None
+
+
+def load_trained(path: Path) -> tuple[dict, MQFormer]:
+    """The one way a trained model is opened (eval, predict, the mqformer masker): the file
+    verified and loaded weights-only (model.checkpoint.load_checkpoint_file), then rebuilt."""
+    state = load_checkpoint_file(path)
+    return state, rebuild_model(state, path)
+
+
+def input_size(state: dict, image_size: int | None) -> int:
+    """The model's square input side: --image-size, else the one it was trained at."""
+    size = image_size or state["config"].get("data", {}).get("image_size", 512)
+    if size < 64 or size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32 and >= 64, got {size}")
+    return size
+
+
+@dataclass
+class EvalConfig:
+    """`engine eval`'s options; every check names its flag and runs before any data is read."""
+
+    checkpoint: Path               # an `engine train` checkpoint
+    data: Path                     # the shard folder to evaluate on
+    task: str                      # a key of model.tasks.TASKS
+    image_size: int | None = None  # input side; None: the training run's
+    batch_size: int = 4            # images per forward pass
+    device: str = "auto"           # auto, cpu, cuda (pipelines.devices.resolve_device)
+    masks: tuple[str, ...] = MASK_KINDS  # GT mask provenances
+    keep_only: bool = True         # only objects with keep = true
+    limit: int | None = None       # only the first N samples
+    root: Path | None = None       # image root overriding the data manifest's
+
+    def __post_init__(self):
+        if self.task not in TASK_RECORDS:
+            raise ValueError(f"--task {self.task!r} is not valid; choose one of: "
+                             f"{', '.join(TASK_RECORDS)}")
+        for flag, value in (("--batch-size", self.batch_size), ("--limit", self.limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for m in self.masks or ("",):
+            if m not in MASK_KINDS:
+                raise ValueError(f"--masks {m!r} is not valid; choose one of: "
+                                 f"{', '.join(MASK_KINDS)}")
+        if not Path(self.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {self.checkpoint} does not exist")
+        if self.root is not None and not Path(self.root).is_dir():
+            raise FileNotFoundError(f"--root {self.root} is not a folder")
+
+
+def evaluate_checkpoint(config: EvalConfig) -> dict:
+    """Evaluator.result() of a checkpoint on one task of a shard folder, plus checkpoint, step,
+    data, image_size and seconds."""
+    from pipelines.devices import resolve_device
+
+    device = resolve_device(config.device)
+    state = load_checkpoint_file(config.checkpoint)
+    size = input_size(state, config.image_size)
+    shards = ShardSet(config.data, root=config.root)  # raises when --data is not a readable run
+    vocab, is_thing = shards.categories(config.keep_only)
+    torch.manual_seed(0)  # the matcher's random points: the same figures on every run
+    model = rebuild_model(state, config.checkpoint).to(device)
+    evaluator = Evaluator(config.task, vocab, is_thing,
+                          num_points=state["config"].get("num_points", 12544))
+    samples = iter_eval_samples(config.data, config.task, size, masks=tuple(config.masks),
+                                keep_only=config.keep_only, root=config.root)
+    start = time.perf_counter()
+    for sample, output in run_model(model, islice(samples, config.limit), device,
+                                    config.batch_size):
+        evaluator.add(sample, output)
+    result = evaluator.result()
+    result.update(checkpoint=str(config.checkpoint), step=state.get("step"),
+                  data=str(config.data), image_size=size, seconds=time.perf_counter() - start)
+    return result
+
+
 def dataset_categories(shards: ShardSet, keep_only: bool) -> tuple[list[str], dict[str, bool]]:
-    """(vocabulary as iter_eval_samples builds it, category -> is_thing from the objects'
-    `attributes` {"isthing": ...}; a category without the attribute is a thing)."""
-    vocab = shards.vocabulary(keep_only)
-    is_thing = dict.fromkeys(vocab, True)
-    for part in shards.parts:
-        for rows in shards.objects(part).values():
-            for row in rows:
-                if row["attributes"] and row["category"] in is_thing:
-                    flag = json.loads(row["attributes"]).get("isthing")
-                    if flag is not None:
-                        is_thing[row["category"]] = bool(flag)
-    return vocab, is_thing
+    """(vocabulary as iter_eval_samples builds it, category -> is_thing): ShardSet.categories."""
+    return shards.categories(keep_only)
 
 
 def _batches(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -103,53 +186,33 @@ def run_model(model: MQFormer, samples: Iterable[dict], device: torch.device | s
                            "query_types": out["query_types"].cpu()}
 
 
-def boxes_to_original(xyxy: torch.Tensor, geo: T.Geometry) -> np.ndarray:
-    """(N, 4) xyxy pixels of the padded input -> (N, 4) xywh pixels of the original image."""
-    b = xyxy.detach().cpu().double().numpy().reshape(-1, 4).copy()
-    if geo.flipped:
-        b[:, [0, 2]] = geo.resized_width - b[:, [2, 0]]
-    b[:, [0, 2]] = np.clip(b[:, [0, 2]] * geo.width / geo.resized_width, 0, geo.width)
-    b[:, [1, 3]] = np.clip(b[:, [1, 3]] * geo.height / geo.resized_height, 0, geo.height)
-    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-
-
-def segments_to_original(segments: torch.Tensor, geo: T.Geometry) -> np.ndarray:
-    """(S, S) int segment map of the padded input -> (height, width) int32, nearest neighbour."""
-    crop = segments.cpu().numpy()[: geo.resized_height, : geo.resized_width]
-    if geo.flipped:
-        crop = crop[:, ::-1]
-    rows = T.nearest_indices(geo.resized_height, geo.height)
-    cols = T.nearest_indices(geo.resized_width, geo.width)
-    return crop[rows][:, cols].astype(np.int32)
-
-
-def _postprocess(task: str, output: dict, geo: T.Geometry, **options) -> dict:
-    return POSTPROCESSORS[task](output["pred_logits"], output["pred_masks"], output["pred_boxes"],
-                                (geo.size, geo.size), **options)
-
-
-def _decoded(gt_obj: dict) -> np.ndarray:
-    return mask_codec.decode([gt_obj["mask"]])[0].astype(bool)
-
-
 class Evaluator:
-    """Accumulates one task's predictions (original frame) and ground truth; result() -> metrics.
+    """Accumulates one task's metric image by image (model/metrics.py); result() -> metrics.
 
     vocab: the dataset's category names (text k of a vocabulary task is vocab[k]); is_thing:
-    category -> thing flag (panoptic merging of stuff, PQ things/stuff split).
+    category -> thing flag (panoptic merging of stuff, PQ things/stuff split). Predictions go
+    through the task record's `original()` (model/tasks.py), the path `engine predict` takes.
     """
 
     def __init__(self, task: str, vocab: list[str], is_thing: dict[str, bool] | None = None,
                  num_points: int = 12544):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+        self.record = task_record(task)
         self.task, self.vocab = task, vocab
         self.is_thing = is_thing or dict.fromkeys(vocab, True)
+        self.metric = self.record.metric(vocab, self.is_thing)
         self.matcher = HungarianMatcher(num_points=num_points)
         self.images = self.targets = 0
         self.counts: dict[str, int] = {}
-        self.gt: list = []
-        self.pred: list = []
+
+    @property
+    def gt(self) -> list[dict]:
+        """instance / detection: the GT images COCOeval reads (InstanceMetric.gt)."""
+        return self.metric.gt
+
+    @property
+    def pred(self) -> list[dict]:
+        """instance / detection: the predictions COCOeval reads (InstanceMetric.pred)."""
+        return self.metric.pred
 
     def add(self, sample: dict, output: dict) -> None:
         self.images += 1
@@ -159,87 +222,16 @@ class Evaluator:
         for k, v in count_matches_by_type(indices, output["query_types"],
                                           [sample["target"]]).items():
             self.counts[k] = self.counts.get(k, 0) + v
-        getattr(self, f"_add_{self.task}")(sample, output)
+        pred = self.record.original(output, sample["geometry"],
+                                    is_thing=[self.is_thing[v] for v in self.vocab])
+        self.metric.add(sample["gt"], pred)
 
-    # ---------------------------------------------------------------------------- per task
-    def _add_instance(self, sample: dict, output: dict, with_masks: bool = True) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        task = "instance" if with_masks else "detection"
-        pred = _postprocess(task, output, geo)
-        boxes = boxes_to_original(pred["boxes"], geo)
-        masks = None
-        if with_masks and len(pred["masks"]):
-            masks = mask_codec.encode(T.unpad_resize(pred["masks"].numpy(), geo))
-        for i in range(len(pred["scores"])):
-            self.pred.append({"image_id": gt["image_id"],
-                              "category": self.vocab[int(pred["labels"][i])],
-                              "score": float(pred["scores"][i]), "box": boxes[i].tolist(),
-                              **({"mask": masks[i]} if masks is not None else {})})
-        self.gt.append(gt)
-
-    def _add_detection(self, sample: dict, output: dict) -> None:
-        self._add_instance(sample, output, with_masks=False)
-
-    def _add_semantic(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        scores = _postprocess("semantic", output, geo)["scores"]
-        self.pred.append(T.unpad_resize(scores.numpy(), geo).argmax(0))
-        label_map = np.full((gt["height"], gt["width"]), 255, dtype=np.int64)
-        for obj in gt["objects"]:
-            if not obj["iscrowd"]:
-                label_map[_decoded(obj)] = obj["label"]
-        self.gt.append(label_map)
-
-    def _add_panoptic(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        pred = _postprocess("panoptic", output, geo,
-                            is_thing=[self.is_thing[v] for v in self.vocab])
-        segments = segments_to_original(pred["segments"], geo)
-        self.pred.append([{"category": self.vocab[s["label"]], "mask": segments == s["id"]}
-                          for s in pred["info"]])
-        self.gt.append([{"category": o["category"], "mask": o["mask"], "iscrowd": o["iscrowd"]}
-                        for o in gt["objects"]])
-
-    def _add_referring(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        masks = T.unpad_resize(_postprocess("referring", output, geo)["masks"].numpy(), geo)
-        for obj in gt["objects"]:  # one per expression; label k = expression k
-            self.gt.append(obj["mask"])
-            self.pred.append(masks[obj["label"]])
-
-    def _add_foreground(self, sample: dict, output: dict) -> None:
-        geo, gt = sample["geometry"], sample["gt"]
-        prob = _postprocess("foreground", output, geo)["prob"]
-        self.pred.append(np.clip(T.unpad_resize(prob[None].numpy(), geo)[0], 0.0, 1.0))
-        fg = np.zeros((gt["height"], gt["width"]), dtype=bool)
-        for obj in gt["objects"]:
-            fg |= _decoded(obj)
-        self.gt.append(fg)
-
-    # ---------------------------------------------------------------------------- metrics
     def result(self) -> dict:
         """{"task", "images", "targets", "metrics": {...}, "query_split": {...}}."""
         if self.images == 0:
             raise ValueError(f"no image has ground truth for task {self.task!r}")
-        t = self.task
-        if t in ("instance", "detection"):
-            metrics = M.instance_ap(self.gt, self.pred)
-            if t == "detection":
-                metrics = {k: v for k, v in metrics.items() if not k.startswith("mask")}
-        elif t == "semantic":
-            out = M.semantic_miou(self.gt, self.pred, num_classes=len(self.vocab))
-            metrics = {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"]}
-        elif t == "panoptic":
-            out = M.panoptic_quality(self.gt, self.pred, self.is_thing)
-            metrics = {"PQ": out["all"]["PQ"], "SQ": out["all"]["SQ"], "RQ": out["all"]["RQ"],
-                       "PQ_things": out["things"]["PQ"] if out["things"]["n"] else None,
-                       "PQ_stuff": out["stuff"]["PQ"] if out["stuff"]["n"] else None}
-        elif t == "referring":
-            metrics = M.referring_iou(self.gt, self.pred)
-        else:
-            metrics = {"MSE": M.foreground_mse(self.gt, self.pred)}
-        return {"task": t, "images": self.images, "targets": self.targets, "metrics": metrics,
-                "query_split": query_split(self.counts)}
+        return {"task": self.task, "images": self.images, "targets": self.targets,
+                "metrics": self.metric.result(), "query_split": query_split(self.counts)}
 
 
 def query_split(counts: dict[str, int]) -> dict:

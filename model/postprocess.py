@@ -3,12 +3,11 @@
 Every function takes one sample's class logits (Q, K) against its own texts, mask logits
 (Q, h, w) at stride 4 and, where needed, boxes (Q, 4) cxcywh in [0, 1], plus `size` = (H, W) of the
 padded input image; masks are resampled to that size (crop to the unpadded image afterwards).
-`postprocess(outputs, tasks, size)` runs the right one for every sample of a batch.
+`postprocess(outputs, tasks, size)` runs the right one for every sample of a batch; model/tasks.py
+names each task's function.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,28 +129,20 @@ def foreground_inference(logits: Tensor, masks: Tensor, boxes: Tensor,
             "score": logits[best, 0].float().sigmoid()}
 
 
-POSTPROCESSORS: dict[str, Callable[..., dict]] = {
-    "instance": instance_inference,
-    "detection": detection_inference,
-    "semantic": semantic_inference,
-    "panoptic": panoptic_inference,
-    "referring": referring_inference,
-    "foreground": foreground_inference,
-}
-
-
 @torch.no_grad()
 def postprocess(outputs: dict, tasks: list[str], size: tuple[int, int],
                 options: dict[str, dict] | None = None) -> list[dict]:
     """Run each sample's task inference. outputs: MQFormer.forward's dict; tasks: one per sample;
     options: extra keyword arguments per task (e.g. {"panoptic": {"is_thing": [...]}})."""
+    from model.tasks import TASKS  # the task records hold these functions: import at call time
+
     results = []
     for b, task in enumerate(tasks):
-        if task not in POSTPROCESSORS:
+        if task not in TASKS:
             raise ValueError(f"unknown task '{task}' for sample {b}; choose one of: "
-                             f"{', '.join(POSTPROCESSORS)}")
+                             f"{', '.join(TASKS)}")
         n_texts = int(outputs["text_mask"][b].sum())
-        results.append(POSTPROCESSORS[task](
+        results.append(TASKS[task].infer(
             outputs["pred_logits"][b, :, :n_texts], outputs["pred_masks"][b],
             outputs["pred_boxes"][b], size, **(options or {}).get(task, {})))
     return results

@@ -6,11 +6,11 @@
         pred = to_original("instance", output, sample["geometry"])
 
 Preprocessing is eval's: `model.transforms.geometry` + `prepare_image` (long side resized to the
-training input size, padded to a square), class prompts are `model.data.TEMPLATES[0]` of each
+training input size, padded to a square), class prompts are `model.targets.TEMPLATES[0]` of each
 name, as `iter_eval_samples` builds them, and the fixed foreground prompt is data's. Outputs go
-through the same POSTPROCESSORS and back to the original frame through the same
-`transforms.unpad_resize` / `inference.boxes_to_original` / `segments_to_original` as the
-Evaluator, so `engine predict` and `engine eval` give one answer for one image.
+through the task record's `original()` (model/tasks.py: the task's inference, then model/frames.py
+back to the original frame), the Evaluator's path, so `engine predict` and `engine eval` give one
+answer for one image.
 
 Matting is referring (with a prompt) or foreground (without) followed by pipelines.matting.refine
 on the original image; that step needs the pixels, so it happens where they are (engine/).
@@ -19,15 +19,12 @@ on the original image; that step needs the pixels, so it happens where they are 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from model import transforms as T
-from model.data import FOREGROUND_PROMPT, TEMPLATES
-from model.inference import TASKS, boxes_to_original, segments_to_original
-from model.postprocess import POSTPROCESSORS
+from model.targets import FOREGROUND_PROMPT, TEMPLATES
+from model.tasks import TASKS, VOCAB_TASKS
 
 PREDICT_TASKS = (*TASKS, "matting")
-VOCAB_TASKS = ("instance", "detection", "semantic", "panoptic")
 
 
 def prompt_texts(task: str, classes: list[str] | None = None,
@@ -68,39 +65,12 @@ def to_original(task: str, output: dict, geo: T.Geometry, texts: list[str] | Non
                 is_thing: list[bool] | None = None, top_k: int = 100) -> dict:
     """One sample's model output -> predictions on the original (height, width) image.
 
-    instance:  scores (N,), labels (N,) text index, boxes (N, 4) xywh px, masks (N, h, w) bool
-    detection: scores, labels, boxes
-    semantic:  labels (h, w) int32 text index (arg-max of the per-text score maps)
-    panoptic:  segments (h, w) int32 (0 void, i = info[i-1]["id"]), info [{id, label, score,
-               is_thing}]; is_thing per text (None: all things)
-    referring: scores (K,), boxes (K, 4) xywh px, masks (K, h, w) bool, one per prompt
-    foreground: prob (h, w) float32 in [0, 1], score
-    matting:   the referring (prompt) or foreground (no prompt: texts is the foreground prompt)
-               result as masks (1, h, w) bool + scores (1,); the alpha is solved later
+    Every task but matting is its record's `original()` (model/tasks.py lists the fields; is_thing
+    per text, None: all things). matting: the referring (prompt) or foreground (no prompt: texts is
+    the foreground prompt) result as masks (1, h, w) bool + scores (1,); the alpha is solved later.
     """
     kind = _mask_task(task, texts or [])
-    size = (geo.size, geo.size)
-    options = {"is_thing": is_thing} if kind == "panoptic" else {}
-    if kind in ("instance", "detection"):
-        options["top_k"] = top_k
-    pred = POSTPROCESSORS[kind](output["pred_logits"], output["pred_masks"],
-                                output["pred_boxes"], size, **options)
-    if kind == "semantic":
-        return {"labels": T.unpad_resize(pred["scores"].numpy(), geo).argmax(0).astype(np.int32)}
-    if kind == "panoptic":
-        return {"segments": segments_to_original(pred["segments"], geo), "info": pred["info"]}
-    if kind == "foreground":
-        prob = np.clip(T.unpad_resize(pred["prob"][None].numpy(), geo)[0], 0.0, 1.0)
-        if task == "matting":
-            return {"masks": (prob >= 0.5)[None], "scores": np.array([float(pred["score"])])}
-        return {"prob": prob.astype(np.float32), "score": float(pred["score"])}
-    out = {"scores": _numpy(pred["scores"]), "boxes": boxes_to_original(pred["boxes"], geo)}
-    if kind != "referring":
-        out["labels"] = _numpy(pred["labels"]).astype(np.int64)
-    if kind != "detection":
-        out["masks"] = T.unpad_resize(pred["masks"].numpy(), geo)
-    return out
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().float().numpy()
+    pred = TASKS[kind].original(output, geo, is_thing=is_thing, top_k=top_k)
+    if task == "matting" and kind == "foreground":
+        return {"masks": (pred["prob"] >= 0.5)[None], "scores": np.array([pred["score"]])}
+    return pred

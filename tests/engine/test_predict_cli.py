@@ -240,7 +240,6 @@ def _one_line(err: str) -> str:
      "--checkpoint nope.pt does not exist"),
     (["--task", "segment"], "unknown task 'segment'; choose one of: instance"),
     (["--task", "referring"], "--task referring needs --prompt TEXT"),
-    (["--task", "instance"], "--task instance needs --classes a,b,c"),
     (["--task", "semantic", "--classes", "a,b,a"], "--classes lists a name twice"),
     (["--task", "panoptic", "--classes", "a,b", "--stuff", "c"], "--stuff 'c' is not one of"),
     (["--task", "instance", "--classes", "a", "--prompt", "x"], "--prompt applies to --task"),
@@ -302,3 +301,67 @@ def test_input_file_errors_are_one_line(run, images, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run["checkpoint"]), "--images", str(unreadable),
                  "--task", "foreground", "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
     assert "no image could be decoded" in _one_line(capsys.readouterr().err)
+
+
+def test_classes_default_to_the_vocabulary_the_checkpoint_trained_on(run, images, tmp_path):
+    """No --classes: the names and isthing `engine train` stored (the scenes' kept categories, read
+    here by DuckDB); the results equal those of --classes with the same names."""
+    import duckdb
+
+    state = torch.load(run["checkpoint"], weights_only=True)
+    files = ", ".join(f"'{f}'" for f in sorted((run["scenes"] / "objects").glob("*.parquet")))
+    names = [r[0] for r in duckdb.sql(f"SELECT DISTINCT category FROM read_parquet([{files}]) "
+                                      "WHERE keep ORDER BY category").fetchall()]
+    assert state["config"]["data"]["vocabulary"] == {"names": names,
+                                                     "isthing": [True] * len(names)}
+    assert _predict(run, images, tmp_path / "default", "--task", "instance") == 0
+    assert _predict(run, images, tmp_path / "given", "--task", "instance", "--classes",
+                    ",".join(names)) == 0
+    for name in ("results.json", "images.json"):
+        assert (json.loads((tmp_path / "default" / name).read_text())
+                == json.loads((tmp_path / "given" / name).read_text()))
+    categories = json.loads((tmp_path / "default" / "images.json").read_text())["categories"]
+    assert [c["name"] for c in categories] == names
+    default = json.loads((tmp_path / "default" / "summary.json").read_text())
+    given = json.loads((tmp_path / "given" / "summary.json").read_text())
+    assert (default["classes_from"], given["classes_from"]) == ("checkpoint", "--classes")
+    assert default["classes"] == given["classes"] == names
+
+
+def test_a_checkpoint_without_vocabulary_asks_for_classes(run, images, tmp_path, capsys):
+    """A checkpoint written before checkpoints kept the vocabulary: one line asking for
+    --classes; with --classes it still works."""
+    from model.checkpoint import save_checkpoint
+
+    state = torch.load(run["checkpoint"], weights_only=True)
+    del state["config"]["data"]["vocabulary"]
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, state)
+    argv = ["predict", "--checkpoint", str(old), "--images", str(images), "--device", "cpu"]
+    for task in ("instance", "panoptic"):
+        assert main([*argv, "--out", str(tmp_path / "o"), "--task", task]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert f"--task {task} needs --classes a,b,c" in line and str(old) in line, line
+        assert "stores no training vocabulary" in line, line
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--out", str(tmp_path / "ok"), "--task", "semantic",
+                 "--classes", CLASSES]) == 0
+
+
+def test_panoptic_takes_isthing_from_the_checkpoint_unless_stuff_is_given(run, images, tmp_path):
+    """The stored isthing decides which classes panoptic merges; --stuff overrides it."""
+    from model.checkpoint import save_checkpoint
+
+    state = torch.load(run["checkpoint"], weights_only=True)
+    names = state["config"]["data"]["vocabulary"]["names"]
+    state["config"]["data"]["vocabulary"]["isthing"] = [n != "star" for n in names]
+    ckpt = tmp_path / "stuffy.pt"
+    save_checkpoint(ckpt, state)
+    argv = ["predict", "--checkpoint", str(ckpt), "--images", str(images), "--device", "cpu",
+            "--task", "panoptic"]
+    for out, flags, stuff in ((tmp_path / "stored", [], {"star"}),
+                              (tmp_path / "flag", ["--stuff", "horse"], {"horse"})):
+        assert main([*argv, "--out", str(out), *flags]) == 0
+        categories = json.loads((out / "panoptic.json").read_text())["categories"]
+        assert [c["name"] for c in categories] == names
+        assert {c["name"] for c in categories if not c["isthing"]} == stuff

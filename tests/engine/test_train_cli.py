@@ -102,6 +102,26 @@ def test_eval_instance_on_scenes(run, shards, capsys):
     assert result["step"] == 6 and result["image_size"] == 128
 
 
+@pytest.mark.parametrize("task", ["instance", "detection", "semantic", "panoptic",
+                                  "foreground"])
+def test_eval_metrics_equal_the_full_map_reference(run, shards, tmp_path, task):
+    """`engine eval`'s JSON == the metrics computed the way eval did before it streamed (every
+    full-resolution prediction kept; AP straight from pycocotools) on the same model outputs."""
+    from model.eval_data import iter_eval_samples
+    from model.inference import load_model, run_model
+    from model.shards import ShardSet
+    from tests.helpers.eval_reference import reference_metrics
+
+    scenes, out = shards["scenes"], tmp_path / f"{task}.json"
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(scenes), "--task",
+                 task, "--out", str(out), "--device", "cpu"]) == 0
+    model = load_model(torch.load(run / "last.pt", weights_only=True))
+    vocab, is_thing = ShardSet(scenes).categories(keep_only=True)
+    pairs = list(run_model(model, iter_eval_samples(scenes, task, 128), "cpu", 4))
+    assert json.loads(out.read_text())["metrics"] == reference_metrics(task, pairs, vocab,
+                                                                       is_thing)
+
+
 def test_eval_referring_on_photos_default_output(run, shards):
     photos = shards["photos"]
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(photos), "--task",

@@ -393,3 +393,27 @@ def test_root_overrides_the_manifest_image_root(tmp_path):
     assert batch["images"].shape == (2, 3, 64, 64)
     sample = next(iter_eval_samples(run, "instance", 64, root=moved))
     assert sample["gt"]["image_id"] == "img000"
+
+
+def test_loader_vocabulary_is_the_union_of_the_vocabulary_datasets(tmp_path):
+    """The vocabulary a checkpoint stores: names of kept objects of every dataset with a class
+    task, isthing from the objects' attributes; checked against DuckDB over the same parts."""
+    import duckdb
+
+    from model.shards import ShardSet
+
+    first = write_shards(tmp_path / "a", tmp_path / "images")
+    second = write_shards(tmp_path / "b", tmp_path / "images2", prefix="other")
+    loader = MixtureLoader(mixture({"path": str(first), "weight": 1.0, "tasks": ["instance"]},
+                                   {"path": str(second), "weight": 1.0,
+                                    "tasks": ["referring"]}),
+                           image_size=64)
+    files = ", ".join(f"'{f}'" for f in ShardSet(first).run.files("objects"))
+    rows = duckdb.sql(f"SELECT category, bool_or(json_extract(attributes, '$.isthing')::BOOLEAN)"
+                      f" FROM read_parquet([{files}]) WHERE keep GROUP BY category "
+                      "ORDER BY category").fetchall()
+    assert loader.vocabulary() == {"names": [r[0] for r in rows], "isthing": [r[1] for r in rows]}
+    assert loader.vocabulary() == {"names": ["cat", "dog", "sky"],
+                                   "isthing": [True, True, False]}
+    referring_only = loader_for(second, ["referring"])
+    assert referring_only.vocabulary() == {"names": [], "isthing": []}

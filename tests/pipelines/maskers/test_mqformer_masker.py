@@ -223,3 +223,39 @@ def test_registered_and_provenance_names_the_run(trained):
     assert masker.origin == "mqformer:flyrun"
     cfg = MaskerConfig(name="mqformer", mask_checkpoint=trained["checkpoint"], device="cpu")
     assert MASKERS["mqformer"](cfg).origin == "mqformer:flyrun"
+
+
+def test_matching_in_chunks_equals_one_pass_and_brute_force():
+    """Chunks of boxes give the one-pass answer, which is the brute-force best IoU per box (ties
+    to the higher score), and hold a fraction of the memory (tracemalloc peak, not time)."""
+    import tracemalloc
+
+    from pipelines.maskers.mqformer import box_cells, match_masks
+
+    rng = np.random.default_rng(0)
+    q, h, w, n = 12, 32, 40, 300
+    binary = rng.random((q, h, w)) < 0.3
+    binary[3] = binary[5]  # a tie: the higher score must win
+    scores = rng.random(q)
+    xy = rng.uniform(0, [w, h], size=(n, 2))
+    prompts = np.concatenate([xy, xy + rng.uniform(0.2, 15, size=(n, 2))], axis=1)
+    one_pass = match_masks(binary, prompts, scores, chunk=n)
+    for chunk in (1, 7, 64):
+        chunked = match_masks(binary, prompts, scores, chunk=chunk)
+        assert np.array_equal(chunked[0], one_pass[0])
+        assert np.array_equal(chunked[1], one_pass[1])
+    for k, box in enumerate(prompts):
+        r0, r1, c0, c1 = box_cells(box, h, w)
+        filled = np.zeros((h, w), bool)
+        filled[r0:r1, c0:c1] = True
+        ious = [(binary[j] & filled).sum() / max((binary[j] | filled).sum(), 1) for j in range(q)]
+        expected = max(range(q), key=lambda j: (ious[j], scores[j]))
+        assert one_pass[0][k] == expected
+        assert one_pass[1][k] == pytest.approx(ious[expected], abs=1e-6)
+    peaks = {}
+    for chunk in (n, 16):
+        tracemalloc.start()
+        match_masks(binary, prompts, scores, chunk=chunk)
+        peaks[chunk] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[16] < peaks[n] / 4, peaks
