@@ -284,5 +284,7 @@ def write_coco_json(out: Path, path: Path) -> dict:
 
 
 def arrow_rows(out: Path, table: str) -> int:
+    """Rows of every part file of `table` in a folder `object_shards` wrote (it has no manifest;
+    for an engine run count what schemas.runs.open_run lists instead)."""
     return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / table).glob("part-*.parquet"))
 

@@ -6,6 +6,8 @@ Random weights throughout (weights do not change the cost). Per SAM variant (vit
                box-prompted SAM; batch 4 shows what batching across images would give)
   masker       images/s of SamMasker (one encoder pass + chunked decoding) at 16 and 64
                boxes/image: plain (baseline), +sdpa, +compile, +sdpa+compile
+  batched      images/s of SamMasker at 16 boxes/image with --sam-batch-images 1 (baseline),
+               4 and 8: the encoder runs on a batch of images (`embed`), decoding per image
 Then `bench/train_throughput.py --device cuda --models r50 --image-size 1024` (images/s, peak
 memory). Prints tables and writes bench/results/gpu.json.
 
@@ -54,20 +56,31 @@ def encoder_rate(variant: str, device: str, batch: int, n: int) -> float:
     return batch * n / (time.perf_counter() - start)
 
 
-def masker_rate(variant: str, device: str, boxes: int, n: int, sdpa: bool, compiled: bool) -> float:
+def masker_rate(variant: str, device: str, boxes: int, n: int, sdpa: bool, compiled: bool,
+                batch: int = 1) -> float:
+    """Images/s of SamMasker over n images; with batch > 1 as a unit worker drives it: `embed`
+    of each group of `batch` images, then one call per image (n is rounded up to whole groups)."""
     torch.manual_seed(0)
     sam = build_sam(SAM_VARIANTS[variant])
     dtype = "bf16" if device == "cuda" else "fp32"
     masker = SamMasker(sam, f"sam:{variant}", device=device, dtype=dtype, sdpa=sdpa,
-                       compile=compiled)
-    images = make_images(n + 1, 768, 1024)
-    prompts = [make_boxes(boxes, 768, 1024, seed=i) for i in range(n + 1)]
-    masker(images[0], prompts[0])  # warm up (and compile)
+                       compile=compiled, batch_images=batch)
+    n = -(-n // batch) * batch
+    images = make_images(n + batch, 768, 1024)
+    prompts = [make_boxes(boxes, 768, 1024, seed=i) for i in range(n + batch)]
+
+    def group(lo: int) -> None:
+        if batch > 1:
+            masker.embed(images[lo : lo + batch])
+        for image, box in zip(images[lo : lo + batch], prompts[lo : lo + batch], strict=True):
+            out = masker(image, box)
+            check(len(out.masks) == boxes, "masker returned the wrong number of masks")
+
+    group(0)  # warm up (and compile)
     sync(device)
     start = time.perf_counter()
-    for image, box in zip(images[1:], prompts[1:], strict=True):
-        out = masker(image, box)
-        check(len(out.masks) == boxes, "masker returned the wrong number of masks")
+    for lo in range(batch, n + batch, batch):
+        group(lo)
     sync(device)
     return n / (time.perf_counter() - start)
 
@@ -89,8 +102,8 @@ def main() -> None:
         check(torch.cuda.is_available(), "no CUDA device: run with --device cpu for a smoke test")
     n = 2 if args.quick else args.images
     started = time.perf_counter()
-    results: dict = {"encoder": {}, "masker": {}}
-    enc_rows, mask_rows = [], []
+    results: dict = {"encoder": {}, "masker": {}, "batched_masker": {}}
+    enc_rows, mask_rows, batch_rows = [], [], []
     for variant in VARIANTS[args.device]:
         rates = {b: encoder_rate(variant, args.device, b, n) for b in (1, 4)}
         results["encoder"][variant] = rates
@@ -106,6 +119,11 @@ def main() -> None:
             mask_rows.append([f"{variant} {boxes} boxes", *(row.get(k) for k in
                              ("plain", "sdpa", "compile", "sdpa+compile")),
                               row.get("sdpa", 0) / row["plain"]])
+        rates = {b: masker_rate(variant, args.device, 16, n, False, False, batch=b)
+                 for b in (1, 4, 8)}
+        results["batched_masker"][f"{variant}@16"] = rates
+        batch_rows.append([f"{variant} 16 boxes", rates[1], rates[4], rates[8],
+                           rates[4] / rates[1], rates[8] / rates[1]])
     results["train_r50_1024"] = train_step(args.device, args.quick)
     results["wall_s"] = time.perf_counter() - started
     if args.device == "cuda":
@@ -114,6 +132,8 @@ def main() -> None:
     print_table("SAM image encoder, images/s", ["variant", "batch 1", "batch 4"], enc_rows)
     print_table("SamMasker images/s (bf16 on CUDA)",
                 ["setting", "plain", "sdpa", "compile", "sdpa+compile", "sdpa/plain"], mask_rows)
+    print_table("SamMasker images/s by --sam-batch-images (plain attention)",
+                ["setting", "batch 1", "batch 4", "batch 8", "4 / 1", "8 / 1"], batch_rows)
     print(results["train_r50_1024"]["output_tail"][-1500:])
     write_results("gpu" if args.device == "cuda" else "gpu_cpu_smoke", args,
                   {"device": args.device, "images": n}, json.loads(json.dumps(results)))

@@ -24,7 +24,10 @@ import sys
 from pathlib import Path
 
 import _data
+import pyarrow.parquet as pq
 from _common import REPO, check, console, measure, parser, print_table, write_results
+
+from schemas.runs import open_run
 
 ENGINE = [sys.executable, "-m", "engine.cli"]
 
@@ -47,12 +50,18 @@ def check_output(out: Path, ann: Path, unit_size: int) -> dict:
     check(totals["kept"] + totals["filtered"] + totals["rejected"] == n_boxes,
           f"{out}: kept + filtered + rejected != {n_boxes}")
     check(totals["images_bad"] == 0, f"{out}: {totals['images_bad']} unreadable images")
+    run = open_run(out)
     for table in ("images", "objects"):
-        files = list((out / table).glob("part-*.parquet"))
+        files = run.files(table)
         check(len(files) == units, f"{out}/{table}: {len(files)} part files, expected {units}")
-    check(_data.arrow_rows(out, "objects") == n_boxes,
+    check(listed_rows(open_run(out), "objects") == n_boxes,
           f"{out}: objects files hold != {n_boxes} rows")
     return {"images": n_images, "objects": n_boxes, "kept": totals["kept"], "units": units}
+
+
+def listed_rows(run, table: str) -> int:
+    """Rows of the part files of `table` the run lists."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in run.files(table))
 
 
 def run_one(ann: Path, out: Path, executor: str, unit_size: int) -> dict:

@@ -1,10 +1,10 @@
 """Storage: bytes per object of the Parquet shards vs the same annotations as COCO JSON with RLE.
 
 The shards come from a real run (`grabcut` masker, `template` captioner, local executor) over
-generated 320x240 scenes. The baseline is the COCO JSON written from those shard rows
-(`_data.write_coco_json`): images, annotations with `segmentation` RLE counts as strings, bbox,
-area, category, plus every other column (captions, scores, status, ...) as extra keys, so both files
-hold the same information. Also shown: the same JSON gzip-compressed (level 6), a fairer
+generated 320x240 scenes. The baseline is the COCO JSON that `engine export --format coco` writes
+from that run (pipelines/export.py, every object with a mask): images, annotations with
+`segmentation` RLE counts as strings, bbox, area, category, plus provenance, scores and captions
+as extra keys. Also shown: the same JSON gzip-compressed (level 6), a fairer
 "compressed JSON" baseline. Goal: Parquet <= 0.5x the JSON.
 
 Self-checks: the JSON holds one annotation per object row, pycocotools loads it, and its masks
@@ -17,26 +17,38 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from pathlib import Path
 
 import _data
 import numpy as np
 import pyarrow.parquet as pq
-from _common import check, console, du, parser, print_table, timed, write_results
+from _common import check, console, parser, print_table, timed, write_results
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipelines.captioners import CaptionerConfig
+from pipelines.export import export_coco
 from pipelines.maskers import MaskerConfig
 from pipelines.shards import ROW_GROUP_ROWS
 from pipelines.sources import SourceConfig
 from pipelines.synthesize import SynthesizeConfig, run
+from schemas.runs import open_run
 
 
-def check_same_masks(out, coco: COCO, n_objects: int) -> None:
-    """The JSON's masks decode to the shards' masks (first objects shard, every object)."""
-    table = pq.read_table(sorted((out / "objects").glob("part-*.parquet"))[0],
-                          columns=["object_id", "mask"]).to_pylist()
-    by_object = {a["object_id"]: a for a in coco.dataset["annotations"]}
+def listed_rows(run, table: str) -> int:
+    """Rows of the part files of `table` the run lists."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in run.files(table))
+
+
+def listed_bytes(run, table: str) -> int:
+    """Bytes of the part files of `table` the run lists."""
+    return sum(Path(p).stat().st_size for p in run.files(table))
+
+
+def check_same_masks(run, coco: COCO, n_objects: int) -> None:
+    """The JSON's masks decode to the shards' masks (first objects part, every object)."""
+    table = pq.read_table(run.files("objects")[0], columns=["object_id", "mask"]).to_pylist()
+    by_object = {a["mq_object_id"]: a for a in coco.dataset["annotations"]}
     check(len(coco.dataset["annotations"]) == n_objects,
           f"COCO JSON has {len(coco.dataset['annotations'])} annotations, shards {n_objects}")
     for row in table:
@@ -63,25 +75,27 @@ def main() -> None:
     console.print(f"synthesizing {n_scenes} scenes with grabcut (resumes a cached run) ...")
     t_run, summary = timed(lambda: run(cfg))
     n_obj = summary.totals["objects"]
-    check(n_obj > 0 and n_obj == _data.arrow_rows(out, "objects"), "objects rows do not add up")
+    shards = open_run(out)
+    check(n_obj > 0 and n_obj == listed_rows(shards, "objects"), "objects rows do not add up")
 
     json_path = args.data_dir / f"storage-coco-{n_scenes}.json"
-    t_json, info = timed(lambda: _data.write_coco_json(out, json_path))
+    t_json, info = timed(lambda: export_coco(shards, json_path, where="mask IS NOT NULL"))
+    info["bytes"] = json_path.stat().st_size
     gz_path = json_path.with_suffix(".json.gz")
     with open(json_path, "rb") as src, gzip.open(gz_path, "wb", compresslevel=6) as dst:
         shutil.copyfileobj(src, dst)
     coco = COCO(str(json_path))
-    check_same_masks(out, coco, n_obj)
+    check_same_masks(shards, coco, info["annotations"])
     # Each unit is its own file with its own footer (schema, statistics): at a few dozen objects
     # per file that is a visible share. One file of all rows shows the size without it.
     compact = args.data_dir / f"storage-compact-{n_scenes}.parquet"
-    pq.write_table(pq.read_table(out / "objects"), compact, compression="zstd",
+    pq.write_table(pq.read_table(shards.files("objects")), compact, compression="zstd",
                    row_group_size=ROW_GROUP_ROWS)
 
     sizes = {
-        "parquet objects": du(out / "objects", "part-*.parquet"),
-        "parquet images + objects": du(out / "images", "part-*.parquet")
-        + du(out / "objects", "part-*.parquet"),
+        "parquet objects": listed_bytes(shards, "objects"),
+        "parquet images + objects": listed_bytes(shards, "images")
+        + listed_bytes(shards, "objects"),
         "parquet objects, compacted to 1 file": compact.stat().st_size,
         "COCO JSON (RLE strings)": info["bytes"],
         "COCO JSON, gzip -6": gz_path.stat().st_size,

@@ -98,6 +98,9 @@ SYNTHESIZE_FLAGS = (
          "sam: fused attention (SDPA) in the image encoder; same masks, faster on GPUs."),
     Flag("sam_compile", M, MODELS,
          "sam: torch.compile the image encoder (the first image pays the compile time)."),
+    Flag("sam_batch_images", M, MODELS,
+         "sam: most images of a unit embedded by one encoder call; same masks. Helps on GPUs; "
+         "keep 1 on CPU (no faster there, more memory)."),
     Flag("caption_batch_size", C, MODELS, "Model captioners: crops per generate() call."),
     Flag("caption_max_tokens", C, MODELS, "Model captioners: most new tokens per caption."),
     Flag("caption_margin", C, MODELS,
@@ -116,7 +119,9 @@ SYNTHESIZE_FLAGS = (
     Flag("keep_fallback", ("quality",), QUALITY,
          "Keep masks a method substituted for its failed output (e.g. grabcut's ellipse; "
          "labelled in mask_origin) instead of filtering them as mask_fallback."),
-    Flag("out", ("run",), EXECUTION, "Output folder (created; a rerun resumes it).",
+    Flag("out", ("run",), EXECUTION,
+         "Output folder, or file:///abs/path or s3://bucket/prefix (created; a rerun resumes "
+         "it; docs/scale.md 'Where --out lives').",
          default=Path("runs/demo")),
     Flag("unit_size", ("run",), EXECUTION,
          "Images per work unit (= per shard); default: chosen from the input size so that small "

@@ -42,6 +42,8 @@ def report_command(
 
     cfg = ReportConfig(sample=sample, seed=seed)
     run = open_run(run_dir, root=root)
+    if out is None and run.fs is not None:  # run.dir is no local folder to write beside
+        raise ValueError(f"{run.uri}: the run is on object storage; give --out DIR for the report")
     dest = out if out is not None else run.dir / "report"
     check_replaceable(dest)  # before the progress bar starts: an error stays one line
     columns = (

@@ -16,6 +16,7 @@ checkpoint, eval-<task>-<data folder name>.json).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -109,7 +110,7 @@ def train_command(
     from model.mixture import load_mixture
     from model.mqformer import QUERY_MODES
     from model.text import TEXT_ENCODERS
-    from model.train import TrainConfig, train
+    from model.train import TrainConfig, load_checkpoint, train
 
     _one_of("--model", model, MODEL_SIZES)
     _one_of("--queries", queries, QUERY_MODES)
@@ -137,7 +138,7 @@ def train_command(
     device = _device(device)
     data = {"mixture": str(mixture.resolve()), "image_size": image_size, "batch_size": batch_size,
             "seed": seed}
-    _check_run_folder(out, resume, data)
+    _check_run_folder(out, resume)
     mix = load_mixture(mixture)  # every key checked here, before the model is built
     if root is not None:
         _override_root(mix, root)
@@ -149,18 +150,21 @@ def train_command(
         num_points=num_points, log_interval=log_interval, ckpt_interval=ckpt_interval, seed=seed,
         device=device, resume=resume, tensorboard=tensorboard, checkpoint_name=CHECKPOINT_NAME,
         stop_after=stop_after, data=data)
+    # loaded once, here, so that a bad or mismatched checkpoint fails before the loader is built
+    state = load_checkpoint(out / CHECKPOINT_NAME, config) if resume else None
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: each rank draws its own batches
     loader = MixtureLoader(mix, image_size=image_size, batch_size=batch_size, seed=seed + rank,
                            train=True, cache_images=cache_images)
     # Saved with every checkpoint (config["data"]): predict's default --classes.
     config.data["vocabulary"] = loader.vocabulary()
     if rank:
-        train(config, loader)
+        train(config, loader, resume_state=state)
         return
     for name, n in loader.excluded.items():
         if n:
             console.print(f"{name}: {n} images excluded (also in an evaluation set)")
-    last = _train_with_progress(config, loader, train, batch_size * grad_accum)
+    last = _train_with_progress(config, loader, functools.partial(train, resume_state=state),
+                                batch_size * grad_accum)
     console.print(f"wrote {out / CHECKPOINT_NAME} and {out / 'metrics.jsonl'}")
     if last:
         _print_row("last logged step", last)
@@ -176,24 +180,15 @@ def _override_root(mix, root: Path) -> None:
     mix.datasets[0].root = root.resolve()
 
 
-def _check_run_folder(out: Path, resume: bool, data: dict) -> None:
-    """Refuse to overwrite a run without --resume, and to resume with other data options."""
-    from model.checkpoint import load_checkpoint_file
-
+def _check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a run without --resume. What a resumed run must share with its
+    checkpoint is checked where the checkpoint is loaded, once (model.train.load_checkpoint)."""
     ckpt = out / CHECKPOINT_NAME
-    if not resume:
-        if ckpt.exists():
-            raise ValueError(f"--out {out} already holds {CHECKPOINT_NAME}; pass --resume to "
-                             "continue it or choose another --out")
-        return
-    if not ckpt.is_file():
+    if not resume and ckpt.exists():
+        raise ValueError(f"--out {out} already holds {CHECKPOINT_NAME}; pass --resume to "
+                         "continue it or choose another --out")
+    if resume and not ckpt.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {ckpt}")
-    saved = load_checkpoint_file(ckpt)["config"].get("data", {})
-    for key in ("image_size", "batch_size", "seed"):
-        if key in saved and saved[key] != data[key]:
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"--resume: {ckpt} was trained with {flag} {saved[key]}, "
-                             f"this run asks for {data[key]} (the batches would differ)")
 
 
 def _train_with_progress(config, loader, train_fn, images_per_step: int) -> dict | None:

@@ -175,15 +175,28 @@ def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+# What a resumed run must share with its checkpoint (the flag named in the error): the model it
+# builds, and the data options that decide its batches.
+RESUME_KEYS = {"model_size": "--model", "queries": "--queries", "text_encoder": "--text-encoder",
+               "model_options": "model options"}
+RESUME_DATA_KEYS = {"image_size": "--image-size", "batch_size": "--batch-size", "seed": "--seed"}
+
+
 def load_checkpoint(path: Path, config: TrainConfig) -> dict:
+    """The checkpoint to resume from, once (checksum checked), refused with one line naming the
+    option when this run asks for another model or other batches."""
     if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        raise FileNotFoundError(f"--resume: no checkpoint {path}")
     state = load_checkpoint_file(path)
     saved = state["config"]
-    for key in ("model_size", "queries", "text_encoder", "model_options"):
-        if saved.get(key, {}) != getattr(config, key):
-            raise ValueError(f"resume: {path} was trained with {key}={saved[key]!r}, "
-                             f"this run asks for {getattr(config, key)!r}")
+    pairs = [(flag, saved.get(key, {}), getattr(config, key)) for key, flag in RESUME_KEYS.items()]
+    saved_data = saved.get("data", {})
+    pairs += [(flag, saved_data[key], config.data[key]) for key, flag in RESUME_DATA_KEYS.items()
+              if key in saved_data and key in config.data]
+    for flag, was, now in pairs:
+        if was != now:
+            raise ValueError(f"--resume: {path} was trained with {flag} {was}, this run asks "
+                             f"for {now} (the model or its batches would differ)")
     return state
 
 
@@ -296,8 +309,12 @@ def _micro_step(model, criterion, batch: dict, device: torch.device, scale: floa
 
 
 def train(config: TrainConfig, data,
-          on_step: Callable[[int, dict | None], None] | None = None) -> Path:
+          on_step: Callable[[int, dict | None], None] | None = None,
+          resume_state: dict | None = None) -> Path:
     """Run training; returns the path of the final checkpoint (out_dir/<checkpoint_name>).
+
+    resume_state: the checkpoint load_checkpoint already returned (the CLI loads it before it
+    builds the loader, so a bad checkpoint fails first); loaded here when None.
 
     on_step(step, row), on rank 0 after every optimizer step: row is the metrics.jsonl row when
     the step was logged, else None (progress bars).
@@ -318,7 +335,7 @@ def train(config: TrainConfig, data,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: get_lr(it, config))
     step = 0
     if config.resume:
-        state = load_checkpoint(ckpt_path, config)
+        state = resume_state if resume_state is not None else load_checkpoint(ckpt_path, config)
         model.load_state_dict(state["model"])
         try:
             optimizer.load_state_dict(state["optimizer"])

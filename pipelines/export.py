@@ -1,7 +1,8 @@
 """Shards -> other formats. EXPORTERS maps each `engine export --format` name to a function
 `export(run, dest, where) -> counts` (run: schemas.runs.Run; where: one SQL condition on objects,
-checked by `select_objects`). This module holds the COCO exporter; other formats live in their
-own modules, listed in EXPORTERS at the bottom.
+checked by `export_select.open_selection`, through which every exporter selects). This module
+holds the COCO exporter; other formats live in their own modules, listed in EXPORTERS at the
+bottom.
 
 COCO: instances with RLE segmentation, streamed from DuckDB in batches and written incrementally
 (a large run is never held in memory), to a temporary file renamed into place. Ids are the source's,
@@ -25,45 +26,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import duckdb
-
+from pipelines.export_hf import export_hf
+from pipelines.export_sa1b import export_sa1b
+from pipelines.export_select import open_selection
+from pipelines.export_yolo_seg import export_yolo_seg
 from schemas import SCHEMA_VERSION
 from schemas.runs import Run
 
 BATCH = 10_000
-
-
-def check_where(where: str | None) -> str:
-    """The SQL condition `where` as one expression over `objects` ('true' when empty); refuses
-    anything that is not exactly one SELECT when put in `WHERE (...)`, e.g. `keep; COPY ...`."""
-    if where is None or not where.strip():
-        return "true"
-    sql = f"SELECT count(*) FROM objects WHERE ({where})"
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        first = str(exc).splitlines()[0]
-        raise ValueError(f"--where {where!r} is not one SQL condition on objects: {first}") from exc
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise ValueError(
-            f"--where {where!r} is not one SQL condition on objects: it holds "
-            f"{len(statements)} statements; give a single expression such as \"keep AND "
-            "category = 'dog'\""
-        )
-    return where
-
-
-def select_objects(con: duckdb.DuckDBPyConnection, where: str | None) -> int:
-    """Create the temporary table `sel` of the objects matching `where` (checked by check_where);
-    return how many there are. Every exporter selects through here."""
-    condition = check_where(where)
-    sql = f"CREATE OR REPLACE TEMP TABLE sel AS SELECT * FROM objects WHERE ({condition})"
-    try:
-        con.execute(sql)
-    except duckdb.Error as exc:
-        first = str(exc).splitlines()[0]
-        raise ValueError(f"--where {where!r} is not a valid condition on objects: {first}") from exc
-    return con.execute("SELECT count(*) FROM sel").fetchone()[0]
 
 
 # A source id is kept when it is an integer written plainly ("42", not "042" or "a7").
@@ -135,8 +105,7 @@ def export_coco(run: Run, dest: Path, where: str | None = "keep") -> dict:
     """Write the objects of `run` selected by `where` (default: kept ones) as COCO JSON to `dest`;
     return the counts of images, annotations and categories. Ids and `score`: see the module
     docstring."""
-    con = run.connect()
-    select_objects(con, where)
+    con = open_selection(run, where, materialize=True)
     _check_categories(con)
     ids = _id_tables(con)
     dest = Path(dest)
@@ -220,15 +189,6 @@ def _write_annotations(con, f, counts: dict) -> None:
     f.write("]")
 
 
-def _exporters() -> dict[str, Callable[[Run, Path, str | None], dict]]:
-    # imported here: those modules import check_where from this one
-    from pipelines.export_hf import export_hf
-    from pipelines.export_sa1b import export_sa1b
-    from pipelines.export_yolo_seg import export_yolo_seg
-
-    return {"coco": export_coco, "hf": export_hf, "yolo-seg": export_yolo_seg,
-            "sa1b": export_sa1b}
-
-
 # --format name -> export_X(run: schemas.runs.Run, dest: Path, where: str | None) -> counts
-EXPORTERS = _exporters()
+EXPORTERS: dict[str, Callable[[Run, Path, str | None], dict]] = {
+    "coco": export_coco, "hf": export_hf, "yolo-seg": export_yolo_seg, "sa1b": export_sa1b}

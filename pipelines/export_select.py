@@ -33,19 +33,41 @@ OBJECT_COLUMNS = (
 IMAGE_COLUMNS = ("image_id", "file_path", "width", "height", "split", "sha256", "source")
 
 
+def check_where(where: str | None) -> str:
+    """The SQL condition `where` as one expression over `objects` ('true' when empty); refuses
+    anything that is not exactly one SELECT when put in `WHERE (...)`, e.g. `keep; COPY ...`."""
+    if where is None or not where.strip():
+        return "true"
+    sql = f"SELECT count(*) FROM objects WHERE ({where})"
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"--where {where!r} is not one SQL condition on objects: {first}") from exc
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise ValueError(
+            f"--where {where!r} is not one SQL condition on objects: it holds "
+            f"{len(statements)} statements; give a single expression such as \"keep AND "
+            "category = 'dog'\""
+        )
+    return where
+
+
 def selection_sql(where: str | None) -> str:
     """`where` (default: kept objects) as one checked condition: a second statement such as
-    `keep; COPY ...` is refused before DuckDB sees it (pipelines/export.py check_where)."""
-    from pipelines.export import check_where
-
+    `keep; COPY ...` is refused before DuckDB sees it (check_where)."""
     return f"SELECT * FROM objects WHERE ({check_where(where) if where else 'keep'})"
 
 
-def open_selection(run: Run, where: str | None) -> duckdb.DuckDBPyConnection:
-    """A connection with view `sel` = the selected objects; a bad `where` is one ValueError."""
+def open_selection(run: Run, where: str | None,
+                   materialize: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection with `sel` = the selected objects; a bad `where` is one ValueError. Every
+    exporter selects through here. materialize: `sel` is a temp table instead of a view (the
+    COCO exporter reads it several times: ids, categories, then the stream)."""
     con = run.connect()
+    kind = "TABLE" if materialize else "VIEW"
     try:
-        con.execute(f"CREATE TEMP VIEW sel AS {selection_sql(where)}")
+        con.execute(f"CREATE TEMP {kind} sel AS {selection_sql(where)}")
         con.execute("SELECT count(*) FROM sel").fetchone()
     except duckdb.Error as exc:
         first = str(exc).splitlines()[0]

@@ -3,7 +3,8 @@
 Order of work per image: check the record -> load pixels -> check and clip boxes -> mask (one masker
 call for all of the image's boxes) -> measure and filter -> caption. Every input object ends as
 exactly one row: `kept`, `filtered` (failed a quality threshold) or `rejected` (bad input or a
-failed model call).
+failed model call). A masker that embeds several images at once (SAM with --sam-batch-images N)
+gets each group of N loaded images first (`masker.embed`), then the same per-image calls.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.captioners import Caption, Captioner
-from pipelines.images import load_image
-from pipelines.maskers import Masker
+from pipelines.images import LoadedImage, load_image
+from pipelines.maskers import Masker, batch_images
 from pipelines.masksets import RleMasks
 from pipelines.quality import QualityConfig, decide, measure
 from pipelines.records import ImageRecord, SourceObject
@@ -127,16 +128,22 @@ def image_row(
 
 
 def process_image(
-    ctx: UnitContext, record: ImageRecord, masker: Masker, captioner: Captioner
+    ctx: UnitContext,
+    record: ImageRecord,
+    masker: Masker,
+    captioner: Captioner,
+    loaded: LoadedImage | None = None,
 ) -> tuple[dict, list[dict]]:
-    """One ImageRecord -> (its images row, its objects rows in source order)."""
+    """One ImageRecord -> (its images row, its objects rows in source order). `loaded`: the
+    record's image when the caller has already loaded it."""
     image_id = image_key(ctx, record)
     rows = [base_row(ctx, image_id, obj) for obj in record.objects]
     if record.error:
         img = image_row(ctx, record, image_id, record.error_status, record.error, None, None)
         code = IMAGE_STATUS_CODES[record.error_status]
         return img, [reject(r, code, f"image {record.error_status}: {record.error}") for r in rows]
-    loaded = load_image(ctx.root, record.file, record.width, record.height)
+    if loaded is None:
+        loaded = load_image(ctx.root, record.file, record.width, record.height)
     if loaded.pixels is None:
         img = image_row(ctx, record, image_id, loaded.status, loaded.error, loaded.sha256, None)
         code = IMAGE_STATUS_CODES[loaded.status]
@@ -301,16 +308,40 @@ def _caption_dict(c: Caption | dict) -> dict:
     return c.to_dict() if isinstance(c, Caption) else c
 
 
+def _load_for_batch(ctx: UnitContext, record: ImageRecord) -> LoadedImage | None:
+    """The record's image, loaded ahead for a batched masker (None: the record has an error)."""
+    if record.error:
+        return None
+    return load_image(ctx.root, record.file, record.width, record.height)
+
+
+def _needs_masker(ctx: UnitContext, record: ImageRecord, pixels: np.ndarray | None) -> bool:
+    """Whether the image will reach the masker: it loaded and has an object to mask with a
+    usable box (an embedding for anything else would be encoder time thrown away)."""
+    if pixels is None:
+        return False
+    height, width = pixels.shape[:2]
+    return any((ctx.remask or o.gt_mask is None) and not o.error
+               and clip_box(o.box_raw, width, height)[0] is not None for o in record.objects)
+
+
 def process_unit(
     ctx: UnitContext, records: list[ImageRecord], masker: Masker, captioner: Captioner
 ) -> tuple[list[dict], list[dict]]:
     """A unit's records -> (images rows, objects rows), both sorted by image_id (stable, so an
     image's objects keep their source order)."""
     images, objects = [], []
-    for record in records:
-        img, rows = process_image(ctx, record, masker, captioner)
-        images.append(img)
-        objects.extend(rows)
+    group = batch_images(masker)
+    for start in range(0, len(records), group):
+        batch = records[start : start + group]
+        loaded = [_load_for_batch(ctx, r) for r in batch] if group > 1 else [None] * len(batch)
+        if group > 1:
+            masker.embed([im.pixels for im, r in zip(loaded, batch, strict=True)
+                          if im is not None and _needs_masker(ctx, r, im.pixels)])
+        for record, image in zip(batch, loaded, strict=True):
+            img, rows = process_image(ctx, record, masker, captioner, image)
+            images.append(img)
+            objects.extend(rows)
     images.sort(key=lambda r: r["image_id"])
     objects.sort(key=lambda r: r["image_id"])
     return images, objects

@@ -38,7 +38,7 @@ class RunDataset:
     """Map-style dataset over the images of `run` that have objects matching `where`."""
 
     def __init__(self, run: Run | Path | str, where: str = "keep", masks: bool = True):
-        from pipelines.export import check_where
+        from pipelines.export_select import check_where
 
         self.run = run if isinstance(run, Run) else open_run(Path(run))
         self.con = self.run.connect()

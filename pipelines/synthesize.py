@@ -26,15 +26,6 @@ import pyarrow as pa
 
 from pipelines.captioners import CAPTIONERS, Captioner, CaptionerConfig, build_captioner
 from pipelines.maskers import MASKERS, Masker, MaskerConfig, build_masker
-from pipelines.outdir import (
-    IMAGES_DIR,
-    OutputLock,
-    check_no_overlap,
-    claim,
-    clear_run,
-    release_claim,
-    remove_temp_files,
-)
 from pipelines.plan import (
     COCO_INDEX,
     Plan,
@@ -46,10 +37,12 @@ from pipelines.plan import (
 from pipelines.process import UnitContext
 from pipelines.quality import QualityConfig
 from pipelines.registry import resolve
-from pipelines.shards import UNIT_LOG, Manifest, write_unit
+from pipelines.runout import LocalOut, StoreOut, open_out
+from pipelines.shards import Manifest
 from pipelines.sources import SOURCES, SourceConfig, open_source
 from pipelines.sources.coco import CocoSource
 from pipelines.stages import UnitWorker, WorkerSpec
+from schemas.location import is_uri, open_location
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("auto", "ray", "local")
@@ -93,11 +86,8 @@ class SynthesizeConfig:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.gpus_per_worker <= 8.0:
             raise ValueError(f"--gpus-per-worker must be in [0, 8], got {self.gpus_per_worker}")
-        if "://" in str(self.out) or str(self.out).startswith(("s3:", "gs:", "hdfs:")):
-            raise ValueError(
-                f"--out {self.out}: object storage is not supported yet; write to a local or "
-                "shared path (the driver writes every file) and copy the finished run"
-            )
+        if is_uri(self.out):
+            open_location(self.out)  # an unknown scheme or a malformed URI: one line, now
         positive = {
             "--box-chunk": self.masker.box_chunk,
             "--captions-per-object": self.captioner.captions_per_object,
@@ -111,7 +101,7 @@ class SynthesizeConfig:
 
 @dataclass
 class RunSummary:
-    out: Path
+    out: Path | str
     run_id: str
     units_total: int
     units_skipped: int
@@ -130,13 +120,14 @@ def _jsonable(obj):
     return obj
 
 
-def resolved_config(cfg: SynthesizeConfig, source) -> dict:
-    """The part of the configuration that decides the output rows."""
+def resolved_config(cfg: SynthesizeConfig, source, local_dir: Path | None) -> dict:
+    """The part of the configuration that decides the output rows (`local_dir`: the run's folder
+    on this machine, None on object storage)."""
     return {
         "source": {
             "name": source.name,
             "split": source.split,
-            "root": recorded_root(cfg.out, source.root),  # readers find images from anywhere
+            "root": recorded_root(local_dir, source.root),  # readers find images from anywhere
             "annotation_file": str(source.annotation_file) if source.annotation_file else None,
             "bbox_format": cfg.source.bbox_format,
         },
@@ -222,7 +213,7 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _changed_message(out: Path, old: dict, new: dict) -> str:
+def _changed_message(out: Path | str, old: dict, new: dict) -> str:
     """Name what differs between the run in `out` (resolved config `old`) and this one."""
     old_files, new_files = old.get("inputs") or {}, new.get("inputs") or {}
     files = sorted(p for p in {*old_files, *new_files} if old_files.get(p) != new_files.get(p))
@@ -282,71 +273,83 @@ def check_root(root: Path, plan_path: Path, source=None) -> None:
     )
 
 
-def _open_checked_source(cfg: SynthesizeConfig):
+def _open_checked_source(cfg: SynthesizeConfig, target: LocalOut | StoreOut):
     source = open_source(cfg.source)
     if hasattr(source, "use_image_dir"):  # embedded images are written into the run, not the data
-        source.use_image_dir(Path(cfg.out) / IMAGES_DIR)
+        if target.image_dir is None and getattr(source, "embedded", False):
+            raise ValueError(
+                f"--out {target.name}: source {source.name} embeds its images, and a run behind "
+                "a URI cannot hold them for readers; use a local or shared --out path"
+            )
+        source.use_image_dir(target.image_dir)
     data_root = Path(getattr(source, "dataset_dir", source.root))
     if not data_root.exists():
         raise FileNotFoundError(f"--root {data_root}: no such folder")
     if not data_root.is_dir():
         raise NotADirectoryError(f"--root {data_root}: not a folder")
-    check_no_overlap(
-        cfg.out,
+    target.check_no_overlap(
         {"dataset root": data_root, "annotation file": getattr(source, "annotation_file", None)},
     )
     return source
 
 
-def recorded_root(out: Path, root: Path) -> str:
+def recorded_root(out: Path | None, root: Path) -> str:
     """The image root as the manifest records it: absolute, or relative to the run folder when it
-    lies inside it (embedded images written out), so a moved run still finds them."""
-    out_r, root_r = Path(out).resolve(), Path(root).resolve()
+    lies inside it (embedded images written out), so a moved run still finds them. `out` None: a
+    run on object storage, whose root is always absolute."""
+    root_r = Path(root).resolve()
+    if out is None:
+        return str(root_r)
+    out_r = Path(out).resolve()
     if root_r == out_r or out_r in root_r.parents:
         return os.path.relpath(root_r, out_r)
     return str(root_r)
 
 
-def image_root(out: Path, recorded: str) -> Path:
+def image_root(out: Path | None, recorded: str) -> Path:
     """The recorded image root as a path (a relative one is relative to the run folder)."""
     path = Path(recorded)
-    return path if path.is_absolute() else Path(out) / path
+    return path if path.is_absolute() or out is None else Path(out) / path
 
 
-def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
+def prepare(
+    cfg: SynthesizeConfig, target: LocalOut | StoreOut
+) -> tuple[Manifest, WorkerSpec, list[int]]:
     """Open the source, make or reuse the plan and manifest; return what is left to do. Runs
     under the output lock (see `run`)."""
-    source = _open_checked_source(cfg)
-    manifest = Manifest.load(cfg.out)
+    source = _open_checked_source(cfg, target)
+    manifest = target.load_manifest()
     old = manifest.data if manifest is not None else {}
-    resolved = resolved_config(cfg, source)
+    resolved = resolved_config(cfg, source, target.local_dir)
     inputs = input_fingerprint(input_files(source) + model_files(cfg), old.get("inputs"))
     resolved["inputs"] = inputs["files"]
     fp = fingerprint(resolved)
     if manifest is not None and manifest.data.get("fingerprint") != fp:
         if not cfg.overwrite:
-            raise ValueError(_changed_message(cfg.out, old.get("config", {}), resolved))
-        removed = clear_run(cfg.out, manifest.units)
-        log.warning("--overwrite: removed %d files of the earlier run in %s", removed, cfg.out)
+            raise ValueError(_changed_message(target.name, old.get("config", {}), resolved))
+        removed = target.clear(manifest.units)
+        log.warning("--overwrite: removed %d files of the earlier run in %s", removed,
+                    target.name)
         manifest = None
-    remove_temp_files(cfg.out)
-    plan_path = cfg.out / "_plan" / "plan.parquet"
+    target.remove_temp(manifest.units if manifest is not None else {})
+    plan_path = target.plan_dir / "plan.parquet"
     if isinstance(source, CocoSource):  # its index lives with the plan: a resume finds it
         source.cache_dir = plan_path.parent
     plan = open_plan(plan_path, fp)
     if plan is None or manifest is None:
-        manifest = _new_plan(cfg, source, resolved, fp, plan_path, inputs)
+        manifest = _new_plan(cfg, target, source, resolved, fp, plan_path, inputs, manifest)
     manifest.data["inputs"] = inputs  # fresh mtimes: the next resume costs a stat again
     done = manifest.done_units(check_inputs=True)
     for key in [k for k in manifest.units if int(k) not in done]:
         log.warning("unit %s: files or input images changed since they were written; redoing it",
                     key)
         del manifest.units[key]
+        target.drop_unit(key)
     manifest.data["totals"] = manifest.totals()
     ctx = UnitContext(
         source=source.name,
         split=source.split,
-        root=image_root(cfg.out, manifest.data["source"]["root"]),
+        root=image_root(target.local_dir, manifest.data["source"]["root"]),
         run_id=manifest.data["run_id"],
         quality=cfg.quality,
         remask=cfg.remask,
@@ -358,8 +361,12 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Manifest, WorkerSpec, list[int]]:
 
 
 def _new_plan(
-    cfg: SynthesizeConfig, source, resolved: dict, fp: str, plan_path: Path, inputs: dict
+    cfg: SynthesizeConfig, target: LocalOut | StoreOut, source, resolved: dict, fp: str,
+    plan_path: Path, inputs: dict, old: Manifest | None = None,
 ) -> Manifest:
+    """Write the plan and start a manifest for it. On object storage the plan is the driver's
+    scratch, rebuilt on every resume: a rebuilt plan equal to the one `old` (the same
+    fingerprint) recorded keeps `old` and its committed units."""
     if isinstance(source, CocoSource):
         plan, unit_size = _new_index_plan(cfg, source, fp, plan_path)
     else:
@@ -371,7 +378,7 @@ def _new_plan(
             unit_size, records = auto_unit_size(records)
         plan = write_plan(records, plan_path, unit_size, fp)
     try:
-        check_root(image_root(cfg.out, resolved["source"]["root"]), plan_path,
+        check_root(image_root(target.local_dir, resolved["source"]["root"]), plan_path,
                    source if plan.kind == COCO_INDEX else None)
     except ValueError:
         plan_path.unlink(missing_ok=True)
@@ -392,8 +399,9 @@ def _new_plan(
             "unit_size": unit_size,
         },
     }
-    manifest = Manifest.create(cfg.out, header)
-    (cfg.out / UNIT_LOG).unlink(missing_ok=True)  # a new plan: earlier markers mean nothing
+    if target.plan_is_scratch and old is not None and old.data.get("plan") == header["plan"]:
+        return old
+    manifest = target.create_manifest(header)
     manifest.save()
     return manifest
 
@@ -446,32 +454,35 @@ def run(
 
     On any failure (a bad flag found late, a full disk, Ctrl-C) the run's temporary files are
     removed, and a folder this run created is removed again if nothing was recorded in it."""
-    out = Path(cfg.out)
     src = cfg.source
     if src.annotations is not None and not Path(src.annotations).exists():
         raise FileNotFoundError(f"--annotations {src.annotations}: no such file")
     inputs = {"dataset root": src.root, "annotation file": src.annotations}
     if src.root is None and src.annotations is not None:
         inputs["annotation folder"] = Path(src.annotations).parent
-    check_no_overlap(out, inputs)
-    created = claim(out)
+    target = open_out(cfg.out)
     try:
-        lock = OutputLock(out).acquire()
-    except BaseException:
-        if created:  # nobody else can hold a lock in a folder this call created
-            release_claim(out, created)
-        raise
-    try:
-        started = time.monotonic()
-        summary = _run_locked(cfg, on_unit, on_start)
-        write_run_docs(out, time.monotonic() - started)
-        return summary
-    except BaseException:
-        remove_temp_files(out)  # ours: the lock is held
-        release_claim(out, created)
-        raise
+        target.check_no_overlap(inputs)
+        created = target.claim()
+        try:
+            target.lock()
+        except BaseException:
+            if created:  # nobody else can hold a lock in a folder this call created
+                target.release_claim(created)
+            raise
+        try:
+            started = time.monotonic()
+            summary = _run_locked(cfg, target, on_unit, on_start)
+            target.write_docs(time.monotonic() - started)
+            return summary
+        except BaseException:
+            target.remove_temp({})  # ours: the lock is held
+            target.release_claim(created)
+            raise
+        finally:
+            target.unlock()
     finally:
-        lock.release()
+        target.close()
 
 
 def ray_pool(cfg: SynthesizeConfig):
@@ -480,19 +491,9 @@ def ray_pool(cfg: SynthesizeConfig):
     return RayPool(cfg.masker, cfg.captioner, cfg.workers, cfg.ray_address, cfg.gpus_per_worker)
 
 
-def write_run_docs(out: Path, wall_s: float) -> None:
-    """The run's dataset card (README.md with `datasets` configs) and stats.json, from what the
-    manifest lists (pipelines/card.py)."""
-    from pipelines.card import write_dataset_card, write_stats
-    from schemas.runs import read_manifest
-
-    manifest = read_manifest(out)
-    write_dataset_card(out, manifest)
-    write_stats(out, manifest, wall_s)
-
-
 def _run_locked(
     cfg: SynthesizeConfig,
+    target: LocalOut | StoreOut,
     on_unit: Callable[[dict], None] | None = None,
     on_start: Callable[..., None] | None = None,
 ) -> RunSummary:
@@ -513,7 +514,7 @@ def _run_locked(
             # Ray and the actors start now, so the actors build their models while we plan.
             pool = cleanup.enter_context(ray_pool(cfg))
         t1 = time.monotonic()
-        manifest, spec, pending = prepare(cfg)
+        manifest, spec, pending = prepare(cfg, target)
         log.info("phase: planned in %.2f s", time.monotonic() - t1)
     except BaseException:
         cleanup.close()
@@ -543,7 +544,7 @@ def _run_locked(
                 results = pool.results(spec, pending)
             t2 = time.monotonic()
             for unit, images, objects in results:
-                entry = write_unit(cfg.out, unit, images, objects, root=spec.context.root)
+                entry = target.write_unit(unit, images, objects, spec.context.root)
                 if pool is not None and unit in pool.placement:
                     entry["worker"] = pool.placement[unit]
                 manifest.record_unit(unit, entry)
@@ -555,7 +556,7 @@ def _run_locked(
     manifest.save()
     cleanup.close()  # also when nothing was pending
     return RunSummary(
-        cfg.out,
+        target.name,  # the URI as typed for a run on object storage
         manifest.data["run_id"],
         total,
         skipped,

@@ -55,6 +55,12 @@ class Masker(Protocol):
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> MaskOutput: ...
 
 
+def batch_images(masker: Masker) -> int:
+    """How many images the worker hands `masker.embed` ahead of their calls (1: no `embed`).
+    Only SAM has it (`--sam-batch-images`): its image encoder takes a batch of images."""
+    return getattr(masker, "batch_images", 1) if hasattr(masker, "embed") else 1
+
+
 @dataclass
 class MaskerConfig:
     """Options of the masker stage (the CLI fills these from flags of the same names)."""
@@ -72,6 +78,7 @@ class MaskerConfig:
     box_chunk: int = 64  # SAM family: most boxes decoded together per image
     sam_sdpa: bool = False  # sam: fused attention in the image encoder (same masks, faster on GPU)
     sam_compile: bool = False  # sam: torch.compile the image encoder (first image pays compile)
+    sam_batch_images: int = 1  # sam: most images of a unit per encoder call (GPU; 1 on CPU)
     mask_checkpoint: Path | None = None  # mqformer: an `engine train` checkpoint (last.pt)
 
 
@@ -105,6 +112,7 @@ def _sam(cfg: MaskerConfig) -> Masker:
         cfg.sam_model,
         sdpa=cfg.sam_sdpa,
         compile=cfg.sam_compile,
+        batch_images=cfg.sam_batch_images,
         **_model_options(cfg),
     )
 

@@ -2,9 +2,13 @@
 
 Per image the image encoder runs once (`SamPredictor.set_image`); then all of the image's boxes go
 through the prompt encoder and mask decoder together, in chunks so that images with hundreds of
-boxes keep memory bounded. This is `SamPredictor.predict_torch` with one change: the best of the
-multimask candidates is picked on the low-resolution logits, so only the kept mask is upsampled to
-full resolution (predict_torch upsamples all three, 3x the memory for the same result).
+boxes keep memory bounded. With `batch_images` > 1 the worker first hands the masker up to that
+many of a unit's images (`embed`): the encoder runs once on the batch (SAM's encoder takes
+B x 3 x 1024 x 1024) and each image's embedding waits for its own call, which then only decodes.
+
+Decoding is `SamPredictor.predict_torch` with one change: the best of the multimask candidates
+is picked on the low-resolution logits, so only the kept mask is upsampled to full resolution
+(predict_torch upsamples all three, 3x the memory for the same result).
 
 Checkpoints are the official releases' plain state dicts (sam_vit_h_4b8939.pth...), loaded with
 `weights_only=True`. They are checked against the requested variant before any work starts.
@@ -227,6 +231,8 @@ class SamMasker:
     box_chunk: most boxes decoded together; lowered for large images so a chunk's full-resolution
         logits stay under MAX_CHUNK_PIXELS.
     sdpa, compile: the encoder's speed options (pipelines/maskers/sam_fast.py); same masks.
+    batch_images: most images embedded by one encoder call (`embed`); 1: one call per image.
+        Batching helps GPUs (a batch fills the device); on CPU it only adds memory.
     """
 
     def __init__(
@@ -240,9 +246,12 @@ class SamMasker:
         box_chunk: int = 64,
         sdpa: bool = False,
         compile: bool = False,
+        batch_images: int = 1,
     ) -> None:
         if box_chunk < 1:
             raise ValueError(f"box_chunk must be >= 1, got {box_chunk}")
+        if batch_images < 1:
+            raise ValueError(f"--sam-batch-images must be >= 1, got {batch_images}")
         if sdpa:
             use_sdpa(sam)
         self.sam, self.device, self.dtype = place_model(sam, device, dtype)
@@ -252,7 +261,11 @@ class SamMasker:
         self.multimask = multimask
         self.min_region_area = min_region_area
         self.box_chunk = box_chunk
+        self.batch_images = batch_images
         self.predictor = SamPredictor(self.sam)
+        # id(image) -> (image, features (1, C, h, w), input size): embedded by `embed`, waiting
+        # for that image's call; the image itself is held so its id cannot be reused meanwhile.
+        self._embedded: dict[int, tuple[np.ndarray, torch.Tensor, tuple[int, int]]] = {}
 
     @property
     def uses_gpu(self) -> bool:
@@ -265,7 +278,7 @@ class SamMasker:
             return nothing
         height, width = image.shape[:2]
         with inference(self.device, self.dtype):
-            self.predictor.set_image(image, image_format="RGB")
+            self._set_image(image)
             chunk = max(1, min(self.box_chunk, MAX_CHUNK_PIXELS // (height * width)))
             parts = [self._decode(boxes[i : i + chunk]) for i in range(0, len(boxes), chunk)]
         self.predictor.reset_image()
@@ -273,6 +286,50 @@ class SamMasker:
         pred_iou = np.concatenate([p[1] for p in parts]).astype(np.float32)
         stability = np.concatenate([p[2] for p in parts]).astype(np.float32)
         return MaskOutput(masks=masks, pred_iou=pred_iou, stability=stability)
+
+    def embed(self, images: list[np.ndarray]) -> None:
+        """Run the encoder on `images`, `batch_images` at a time, ahead of their calls (which
+        must follow, in any order, before the next `embed`: it drops what is left).
+
+        A batch whose encoder call fails leaves its images to their own calls, so a failure is
+        reported for the image that causes it, never for the batch.
+        """
+        self._embedded.clear()
+        ok = [im for im in images if im.ndim == 3 and im.shape[2] == 3 and im.dtype == np.uint8]
+        for start in range(0, len(ok), self.batch_images):
+            batch = ok[start : start + self.batch_images]
+            try:
+                with inference(self.device, self.dtype):
+                    self._embed_batch(batch)
+            except Exception as exc:  # retried image by image in __call__
+                log.warning("batched SAM encoder failed on %d images, each is retried alone: %s",
+                            len(batch), exc)
+
+    def _embed_batch(self, images: list[np.ndarray]) -> None:
+        """SamPredictor.set_image's steps for a batch: resize the long side, normalise and pad
+        each image to img_size x img_size, one encoder pass over the stack."""
+        pred = self.predictor
+        inputs, sizes = [], []
+        for image in images:
+            resized = torch.as_tensor(pred.transform.apply_image(image), device=self.device)
+            resized = resized.permute(2, 0, 1).contiguous()[None]
+            sizes.append(tuple(resized.shape[-2:]))
+            inputs.append(self.sam.preprocess(resized))
+        features = self.sam.image_encoder(torch.cat(inputs))
+        for i, image in enumerate(images):
+            self._embedded[id(image)] = (image, features[i : i + 1], sizes[i])
+
+    def _set_image(self, image: np.ndarray) -> None:
+        """The predictor's state for `image`: its embedding from `embed` when there is one (the
+        same steps as set_image, batched), else set_image."""
+        cached = self._embedded.pop(id(image), None)
+        if cached is None or cached[0] is not image:
+            self.predictor.set_image(image, image_format="RGB")
+            return
+        pred = self.predictor
+        pred.reset_image()
+        pred.original_size, pred.input_size = image.shape[:2], cached[2]
+        pred.features, pred.is_image_set = cached[1], True
 
     def _decode(self, boxes: np.ndarray) -> tuple[list[dict], np.ndarray, np.ndarray]:
         """Boxes (n, 4) of the current image -> n RLE masks (encoded per chunk), IoU (n,),

@@ -5,14 +5,17 @@ Why: Objects365 v2 train is one JSON document of ~1.7M images and tens of millio
 
 1. reads the file once (`scan`: Python's C JSON scanner, one array element at a time), converts
    `images` and `annotations` in batches of BATCH_ROWS to Arrow (`rows`: whole columns at a time
-   when a batch is uniform) and appends them to two raw Parquet files; `categories` is kept;
-2. has DuckDB, with a memory limit and a spill folder, write `images.parquet` (file order, duplicate
-   ids flagged, and where each image's annotations are: `ann_start`, `ann_count`),
+   when a batch is uniform) and appends them to two raw Parquet files; `categories` is kept.
+   When `images` come first and the annotations follow them image by image (Objects365 and COCO
+   files do), the annotations go straight into the final `annotations.parquet` instead
+   (`sortfree.AnnSink`): no raw annotations file and no sort;
+2. otherwise has DuckDB, with a memory limit and a spill folder, write `images.parquet` (file
+   order, duplicate ids flagged, and where each image's annotations are: `ann_start`, `ann_count`),
    `annotations.parquet` sorted by the position of their image in `images` (unknown image ids
    last, grouped by id; duplicate annotation ids flagged) and `orphans.parquet` (one row per
    unknown image id). DuckDB sorts, joins and aggregates larger-than-memory data by spilling.
-   When the annotations already come grouped by image in `images` order (Objects365 and COCO
-   files usually do), `_write_in_order` writes the same three files in one pass, without the sort.
+   When the annotations are grouped by image in `images` order but came before `images`,
+   `sortfree.write_in_order` writes the same three files from the raw ones, without the sort.
 
 Records are numbered: images in file order, then the orphan groups. `read_records(index, a, b)`
 reads records [a, b) and exactly their annotation rows, a few row groups, from anywhere (a plan
@@ -36,29 +39,23 @@ from typing import Any
 
 import duckdb
 import ijson
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.sources.rows import (
-    ANNS_SCHEMA,
-    IMAGES_SCHEMA,
-    ann_table,
-    check_categories,
-    image_table,
-)
+from pipelines.sources import sortfree
+from pipelines.sources.rows import check_categories, image_table
 from pipelines.sources.scan import SyntaxProblem, ijson_backend, paused_gc, scan
+from pipelines.sources.sortfree import RECORD_SCHEMA, AnnSink, ImageSink
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16
 BATCH_ROWS = 8_192  # entries per conversion batch and raw Parquet write (~6 MB of dicts)
-ROW_GROUP = 4_096  # rows per row group of the index: a unit reads a few of them
 READ_IMAGES = 1_024  # records per read when iterating over the whole index
 INDEX_MARKER = "index.json"  # written last into an index folder: the index is complete
-RAW_COMPRESSION = "none"  # of the two temporary raw files
-WALK_ROWS = 16_384  # rows per batch of the sort-free path
+# Write the annotations in their final form during the scan when they come in `images` order
+# (`sortfree.AnnSink`); False only to force the other paths (tests, bench/ingest.py).
+STREAM_IN_ORDER = True
 
 
 @dataclass
@@ -157,21 +154,6 @@ def _items(path: Path, prefix: str) -> Iterator[Any]:
             raise _fail(path, where, f"invalid JSON: {reason}") from None
 
 
-class _RawWriter:
-    """Appends converted batches of one top-level array to a raw Parquet file."""
-
-    def __init__(self, path: Path, schema: pa.Schema, convert: Any, json_path: Path):
-        # Uncompressed: the file is read once and deleted; compressing it cost more than it saved.
-        # Dictionaries and statistics stay: without them DuckDB's sort ran out of 32 MB.
-        self.writer = pq.ParquetWriter(path, schema, compression=RAW_COMPRESSION)
-        self.convert, self.json_path, self.count = convert, json_path, 0
-
-    def add(self, items: list, start: int) -> None:
-        # Numbered by this writer, not by `start`: a key given twice continues the numbering.
-        self.writer.write_table(self.convert(items, self.count, self.json_path))
-        self.count += len(items)
-
-
 def _raise_syntax_error(path: Path, problem: Exception) -> None:
     """The file is not valid JSON: re-read it with ijson, whose error names the byte offset,
     line and column; only when ijson accepts it, a message from our own scanner's view."""
@@ -206,25 +188,25 @@ def build_index(json_path: Path, folder: Path, memory_limit: str = "256MB") -> C
     if not json_path.is_file():
         raise FileNotFoundError(f"annotation file not found: {json_path}")
     folder.mkdir(parents=True, exist_ok=True)
-    writers = {
-        "images": _RawWriter(folder / "raw_images.parquet", IMAGES_SCHEMA, image_table, json_path),
-        "annotations": _RawWriter(folder / "raw_anns.parquet", ANNS_SCHEMA, ann_table, json_path),
-    }
+    images = ImageSink(folder / "raw_images.parquet", image_table, json_path)
+    anns = AnnSink(folder, json_path, images, in_order=STREAM_IN_ORDER)
     try:
         with paused_gc():
-            kept, types = scan(json_path, {k: w.add for k, w in writers.items()},
-                               ("categories",), BATCH_ROWS)
+            kept, types = scan(json_path, {"images": images.add, "annotations": anns.add},
+                               ("categories",), BATCH_ROWS, bulk={"annotations": anns.bulk})
     except (SyntaxProblem, UnicodeDecodeError) as e:
         _raise_syntax_error(json_path, e)
         raise AssertionError("unreachable") from None
     finally:
-        for w in writers.values():
-            w.writer.close()
+        images.close()
+        anns.close()
     categories = _check_top_level(json_path, kept, types)
     pa.default_memory_pool().release_unused()  # the scan's batches: give their pages back
-    n_orphans = 0 if _write_in_order(folder) else _group(folder, memory_limit)
-    index = CocoIndex(json_path, folder, categories, writers["images"].count,
-                      writers["annotations"].count, n_orphans)
+    if anns.finish() or sortfree.write_in_order(folder):
+        n_orphans = 0
+    else:
+        n_orphans = _group(folder, memory_limit)
+    index = CocoIndex(json_path, folder, categories, images.count, anns.count, n_orphans)
     log.info("indexed %s: %d images, %d annotations, %d categories", json_path, index.n_images,
              index.n_annotations, len(index.categories))
     return index
@@ -325,7 +307,7 @@ def _group(folder: Path, memory_limit: str) -> int:
     con = _connect(folder, memory_limit)
     try:
         # Small row groups: a reader decodes a whole row group at a time.
-        sql = {**{k: v.as_posix() for k, v in paths.items()}, "row_group": ROW_GROUP}
+        sql = {**{k: v.as_posix() for k, v in paths.items()}, "row_group": sortfree.ROW_GROUP}
         con.execute(IMAGES_SQL.format(**sql))
         con.execute(GROUPED_SQL.format(**sql))
         (matched,), = con.execute(
@@ -339,171 +321,6 @@ def _group(folder: Path, memory_limit: str) -> int:
     paths["raw_anns"].unlink()
     shutil.rmtree(folder / "duckdb_tmp", ignore_errors=True)
     return int(n_orphans)
-
-
-class _Unordered(Exception):
-    """The annotations are not grouped by image in `images` order: the sort is needed."""
-
-
-def _image_keys(keys: pa.ChunkedArray) -> Iterator[tuple[int, str]]:
-    """(ordinal, id text) of each image, a chunk of Python strings at a time (not all at once)."""
-    ordinal = 0
-    for chunk in keys.chunks:
-        for lo in range(0, len(chunk), WALK_ROWS):
-            for key in chunk.slice(lo, WALK_ROWS).to_pylist():
-                yield ordinal, key
-                ordinal += 1
-
-
-class _OrderWalk:
-    """Follows the annotations' image ids along `images`: each run of one id must be the next
-    image with that id or the current one. Gives each annotation its image ordinal, and counts."""
-
-    def __init__(self, keys: pa.ChunkedArray):
-        self.images = _image_keys(keys)
-        self.counts = np.zeros(len(keys), dtype=np.int64)
-        self.ordinal, self.key = -1, None
-
-    def _seek(self, key: str) -> int:
-        if key != self.key:
-            for ordinal, image_key in self.images:
-                if image_key == key:
-                    self.ordinal, self.key = ordinal, image_key
-                    break
-            else:  # an unknown id, or one whose image came earlier: out of order
-                raise _Unordered
-        return self.ordinal
-
-    def ordinals(self, image_keys: pa.Array) -> np.ndarray:
-        n = len(image_keys)
-        if image_keys.null_count:
-            raise _Unordered
-        changed = pc.not_equal(image_keys.slice(1), image_keys.slice(0, n - 1))
-        starts = np.concatenate([[0], pc.indices_nonzero(changed).to_numpy() + 1]).astype(np.int64)
-        lengths = np.diff(np.append(starts, n))
-        runs = np.array([self._seek(k) for k in pc.take(image_keys, starts).to_pylist()],
-                        dtype=np.int64)
-        np.add.at(self.counts, runs, lengths)
-        return np.repeat(runs, lengths)
-
-
-def _raw(path: Path) -> pq.ParquetFile:
-    """A raw file read a batch at a time; pre-buffering would hold most of it in memory."""
-    return pq.ParquetFile(path, pre_buffer=False)
-
-
-def _int_ids(raw_anns: Path) -> np.ndarray | None:
-    """The annotation ids as int64, a batch at a time; None unless every id is an integer's
-    canonical text ("007" and "7" are different ids with one integer)."""
-    file = _raw(raw_anns)
-    out = np.empty(file.metadata.num_rows, dtype=np.int64)
-    done = 0
-    for batch in file.iter_batches(batch_size=WALK_ROWS, columns=["ann_key"]):
-        keys = batch.column(0)
-        try:
-            ids = pc.cast(keys, pa.int64())
-        except pa.ArrowInvalid:  # a non-integer id: DuckDB compares the texts
-            return None
-        if not pc.all(pc.equal(pc.cast(ids, pa.string()), keys)).as_py():
-            return None
-        out[done:done + len(ids)] = ids.to_numpy()
-        done += len(ids)
-    return out
-
-
-def _duplicate_flags(raw_anns: Path) -> np.ndarray | None:
-    """Per annotation row (file order): its id was used by an earlier row. One numpy sort of the
-    ids when they are integers (Objects365, COCO); None otherwise."""
-    ids = _int_ids(raw_anns)
-    if ids is None:
-        return None
-    order = np.argsort(ids, kind="stable")  # stable: the first use of an id sorts first
-    ids = ids[order]  # (the unsorted ids are freed here)
-    flags = np.zeros(len(ids), dtype=bool)
-    flags[order[1:][ids[1:] == ids[:-1]]] = True
-    return flags
-
-
-ANN_COLUMNS = ("image_key", "ann_key", "category_id", "x", "y", "w", "h", "iscrowd",
-               "segmentation", "attributes", "error")
-
-
-def _sorted_anns(batch: pa.RecordBatch, img_ord: np.ndarray, duplicate: np.ndarray) -> pa.Table:
-    """A raw batch in the columns GROUPED_SQL writes (img_ord first, `duplicate` last)."""
-    arrays = [pa.array(img_ord), *(batch.column(c) for c in ANN_COLUMNS), pa.array(duplicate)]
-    return pa.Table.from_arrays(arrays, names=["img_ord", *ANN_COLUMNS, "duplicate"])
-
-
-def _write_in_order(folder: Path) -> bool:
-    """The sort-free path: when every annotation's image id is a distinct, known image and the
-    annotations already come grouped by image in `images` order (Objects365 and COCO files
-    usually do), write the same three files as `_group` in one pass over the raw files.
-
-    Returns False, having written nothing that stays, when the file is not so ordered.
-    """
-    raw_images, raw_anns = folder / "raw_images.parquet", folder / "raw_anns.parquet"
-    keys = pq.read_table(raw_images, columns=["key"]).column("key")
-    if pc.count_distinct(keys).as_py() != len(keys):  # a repeated image id: DuckDB flags it
-        return False
-    walk = _OrderWalk(keys)
-    anns = folder / "annotations.parquet"
-    duplicate = _duplicate_flags(raw_anns)
-    if duplicate is None:
-        return False
-    try:
-        writer = None
-        done = 0
-        try:
-            for batch in _raw(raw_anns).iter_batches(batch_size=WALK_ROWS):
-                table = _sorted_anns(batch, walk.ordinals(batch.column("image_key")),
-                                     duplicate[done:done + batch.num_rows])
-                done += batch.num_rows
-                writer = writer or pq.ParquetWriter(anns, table.schema)
-                writer.write_table(table, row_group_size=ROW_GROUP)
-        finally:
-            if writer is not None:
-                writer.close()
-    except _Unordered:
-        anns.unlink(missing_ok=True)
-        return False
-    if writer is None:  # no annotations at all
-        empty = pa.RecordBatch.from_pylist([], schema=ANNS_SCHEMA)
-        _write_table(_sorted_anns(empty, np.zeros(0, np.int64), duplicate), anns)
-    _write_images(raw_images, folder / "images.parquet", walk.counts)
-    _write_table(RECORD_SCHEMA.empty_table(), folder / "orphans.parquet")
-    raw_images.unlink()
-    raw_anns.unlink()
-    pa.default_memory_pool().release_unused()  # the walk's batches, before records are read
-    return True
-
-
-def _write_table(table: pa.Table, path: Path) -> None:
-    with pq.ParquetWriter(path, table.schema) as writer:
-        writer.write_table(table)
-
-
-def _write_images(raw_images: Path, path: Path, counts: np.ndarray) -> None:
-    """images.parquet as IMAGES_SQL writes it, from the raw images and each one's count."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    with pq.ParquetWriter(path, RECORD_SCHEMA) as writer:
-        done = 0
-        for batch in _raw(raw_images).iter_batches(batch_size=WALK_ROWS):
-            n = batch.num_rows
-            arrays = [*(batch.column(f.name) for f in IMAGES_SCHEMA),
-                      pa.array(np.zeros(n, dtype=bool)), pa.array(starts[done:done + n]),
-                      pa.array(counts[done:done + n])]
-            writer.write_table(pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA),
-                               row_group_size=ROW_GROUP)
-            done += n
-
-
-# The columns of a record row: an image, or an orphan group (annotations of an unknown image id:
-# ord null, no file); ann_start/ann_count: its rows in annotations.parquet.
-RECORD_SCHEMA = pa.schema(
-    [("ord", pa.int64()), ("key", pa.string()), ("file_name", pa.string()),
-     ("width", pa.int64()), ("height", pa.int64()), ("duplicate", pa.bool_()),
-     ("ann_start", pa.int64()), ("ann_count", pa.int64())]
-)
 
 
 class _RowRanges:

@@ -12,7 +12,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from engine.cli import main
-from pipelines.export import EXPORTERS, check_where, export_coco
+from pipelines.export import EXPORTERS, export_coco
+from pipelines.export_select import check_where
 from tests.helpers.coco_fixture import write_coco
 
 # ids far from 1..N, so a renumbering export cannot line up with the original by accident

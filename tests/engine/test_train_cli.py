@@ -150,6 +150,10 @@ def test_resume_reproduces_the_loss_trajectory(run, shards, tmp_path, capsys):
     changed[changed.index("--image-size") + 1] = "160"
     assert main(changed) == 2
     assert "--image-size 128" in " ".join(capsys.readouterr().err.split())
+    # nor as another model (checked once, where the checkpoint is loaded)
+    assert main([*argv, "--resume", "--queries", "learnable"]) == 2
+    assert "--queries mixed, this run asks for learnable" in " ".join(
+        capsys.readouterr().err.split())
     assert main([*argv, "--resume"]) == 0
     straight, resumed = _rows(run), _rows(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]

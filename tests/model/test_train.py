@@ -112,7 +112,7 @@ def test_checkpoint_contents_logs_and_resume_errors(tmp_path):
     assert matched > 0 and 0 <= (rows[0]["share/conditional_of_things"] or 0) <= 1
     assert np.isfinite(rows[-1]["loss"]) and rows[-1]["lr"] > 0
     assert any((tmp_path / "tensorboard").iterdir())
-    with pytest.raises(ValueError, match="trained with queries='mixed'"):
+    with pytest.raises(ValueError, match="with --queries mixed, this run asks for learnable"):
         train(_config(tmp_path, resume=True, queries="learnable"), FakeLoader())
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_config(tmp_path / "empty", resume=True), FakeLoader())

@@ -73,13 +73,14 @@ def test_streaming_reader_uses_a_fraction_of_json_load_memory(tmp_path):
 def test_the_duckdb_sort_of_the_raw_files_fits_a_small_memory_limit(tmp_path, monkeypatch):
     # The sort-free path takes ordered files; an out-of-order one still gets DuckDB's sort of
     # the raw files, which must fit the limit (raw files written without statistics did not).
-    from pipelines.sources import stream
+    from pipelines.sources import sortfree, stream
 
     path = tmp_path / "zhiyuan_objv2_train.json"
     info = write_objects365_fixture(path, n_images=10_000, boxes_per_image=25, seed=1)
     sorts = []
     real = stream._group
-    monkeypatch.setattr(stream, "_write_in_order", lambda folder: False)
+    monkeypatch.setattr(stream, "STREAM_IN_ORDER", False)
+    monkeypatch.setattr(sortfree, "write_in_order", lambda folder: False)
     monkeypatch.setattr(stream, "_group", lambda *a: sorts.append(a) or real(*a))
     index = stream.build_index(path, tmp_path / "index", "32MB")
     assert len(sorts) == 1

@@ -1,6 +1,7 @@
-"""The sort-free path of `build_index`: taken when the annotations come grouped by image in
-`images` order, and then writing exactly the files DuckDB's sort writes; an out-of-order file
-takes the sort and gives the same records as the ordered one."""
+"""The sort-free paths of `build_index` (during the scan, and after it from the raw files): taken
+when the annotations come grouped by image in `images` order, and then writing exactly the files
+DuckDB's sort writes; an out-of-order file takes the sort and gives the same records as the
+ordered one, also when the order breaks after part of the file was written in final form."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sources import stream
+from pipelines.sources import sortfree, stream
 from pipelines.sources.stream import build_index, iter_records
 
 FILES = ("images.parquet", "annotations.parquet", "orphans.parquet")
@@ -66,19 +67,35 @@ def _no_sort(*args):
     raise AssertionError("the DuckDB sort ran on an ordered file")
 
 
+def _no_walk_after_the_scan(*args):
+    raise AssertionError("the annotations were not written during the scan")
+
+
+def _small_batches(monkeypatch) -> None:
+    monkeypatch.setattr(stream, "BATCH_ROWS", 6)  # runs of one image cut across scan batches
+    monkeypatch.setattr(sortfree, "WALK_ROWS", 5)  # ... and across read-back batches
+    monkeypatch.setattr(sortfree, "ROW_GROUP", 3)
+
+
+@pytest.mark.parametrize("when", ["during_scan", "after_scan"])
 @pytest.mark.parametrize("case", ["repeat_ann_ids", "distinct_ann_ids", "no_annotations"])
-def test_ordered_file_skips_the_sort_and_writes_what_the_sort_writes(tmp_path, monkeypatch, case):
+def test_ordered_file_skips_the_sort_and_writes_what_the_sort_writes(tmp_path, monkeypatch, case,
+                                                                     when):
     doc = _doc(random.Random(1), repeat_ann_ids=case == "repeat_ann_ids")
     if case == "no_annotations":
         doc["annotations"] = []
     path = _write(tmp_path, "ordered", doc)
-    monkeypatch.setattr(stream, "WALK_ROWS", 5)  # runs of one image cut across batches
-    monkeypatch.setattr(stream, "ROW_GROUP", 3)
+    _small_batches(monkeypatch)
     with monkeypatch.context() as m:
-        m.setattr(stream, "_write_in_order", lambda *a: False)  # the sort, as before
+        m.setattr(stream, "STREAM_IN_ORDER", False)
+        m.setattr(sortfree, "write_in_order", lambda *a: False)  # the sort, as before
         sorted_index = build_index(path, tmp_path / "sorted", "64MB")
     with monkeypatch.context() as m:
         m.setattr(stream, "_group", _no_sort)
+        if when == "during_scan":
+            m.setattr(sortfree, "write_in_order", _no_walk_after_the_scan)
+        else:
+            m.setattr(stream, "STREAM_IN_ORDER", False)
         fast_index = build_index(path, tmp_path / "fast", "64MB")
     fast, by_sort = _rows(tmp_path / "fast"), _rows(tmp_path / "sorted")
     assert fast == by_sort
@@ -111,7 +128,7 @@ def _by_image(records: list[tuple]) -> list[tuple]:
 @pytest.mark.parametrize("how", ["shuffled", "reversed", "orphan", "duplicate_image"])
 def test_out_of_order_file_takes_the_sort_and_gives_the_same_records(tmp_path, monkeypatch, how):
     doc = _doc(random.Random(2), repeat_ann_ids=False)
-    monkeypatch.setattr(stream, "WALK_ROWS", 4)
+    _small_batches(monkeypatch)  # the order breaks after batches were written in final form
     sorts = []
     real = stream._group
     monkeypatch.setattr(stream, "_group", lambda *a: sorts.append(a) or real(*a))

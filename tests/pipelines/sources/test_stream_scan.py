@@ -10,7 +10,17 @@ import pytest
 
 from pipelines.sources import rows, scan
 from pipelines.sources.coco import CocoSource
-from pipelines.sources.rows import ANNS_SCHEMA, _ann_row, _table, _uniform_ann_table, ann_table
+from pipelines.sources.rows import (
+    ANNS_SCHEMA,
+    IMAGES_SCHEMA,
+    _ann_row,
+    _image_row,
+    _table,
+    _uniform_ann_table,
+    _uniform_image_table,
+    ann_table,
+    image_table,
+)
 
 
 def _doc(rng: random.Random, n_images: int = 30) -> dict:
@@ -132,6 +142,57 @@ def test_any_odd_entry_gives_the_per_entry_result(edit):
         assert _uniform_ann_table(items, 5) is None
 
 
+def _images(n: int = 30) -> list[dict]:
+    return [{"id": 5 + i, "file_name": f"{i}.jpg", "width": 640 + i, "height": 480, "url": ""}
+            for i in range(n)]
+
+
+def _slow_images(items: list, start: int):
+    return _table([_image_row(item, start + i, "f.json") for i, item in enumerate(items)],
+                  IMAGES_SCHEMA)
+
+
+IMAGE_EDITS = {
+    "text ids": lambda items: [item.update(id=f"a{i}") for i, item in enumerate(items)],
+    "no sizes": lambda items: [(item.pop("width"), item.pop("height")) for item in items],
+    "one size null": _bad("width", None),
+    "one size missing": lambda items: items[3].pop("height"),
+}
+ODD_IMAGES = {
+    "float id": _bad("id", 7.0),
+    "fractional id": _bad("id", 7.5),
+    "bool id": _bad("id", True),
+    "text and integer ids": _bad("id", "x"),
+    "huge id": _bad("id", 2**70),
+    "missing id": lambda items: items[4].pop("id"),
+    "null file name": _bad("file_name", None),
+    "file name a number": _bad("file_name", 3),
+    "float width": _bad("width", 640.5),
+    "bool height": _bad("height", True),
+    "text width": _bad("width", "640"),
+    "not an object": lambda items: items.__setitem__(2, [1, 2]),
+}
+
+
+@pytest.mark.parametrize("edit", [None, *IMAGE_EDITS], ids=["plain", *IMAGE_EDITS])
+def test_uniform_image_batches_take_the_column_path_and_equal_the_per_entry_rows(edit):
+    items = _images()
+    if edit:
+        IMAGE_EDITS[edit](items)
+    fast = _uniform_image_table(items, 9)
+    assert fast is not None
+    assert _same(fast, _slow_images(items, 9))
+
+
+@pytest.mark.parametrize("edit", list(ODD_IMAGES), ids=list(ODD_IMAGES))
+def test_any_odd_image_gives_the_per_entry_result(edit):
+    items = _images()
+    ODD_IMAGES[edit](items)
+    assert _uniform_image_table(items, 9) is None
+    assert (_outcome(lambda: image_table(items, 9, "f.json"))
+            == _outcome(lambda: _slow_images(items, 9)))
+
+
 def test_an_entry_that_is_not_an_object_is_still_a_file_error():
     items = _good()
     items[9] = [1, 2]
@@ -226,3 +287,112 @@ def test_a_top_level_array_given_twice_keeps_both_in_file_order(tmp_path):
     records = list(CocoSource("coco", "val", tmp_path, path, cache_dir=tmp_path / "c").records())
     assert [(r.image_id, r.error, len(r.objects)) for r in records] == [
         ("1", None, 0), ("2", None, 1)]
+
+
+def _tricky_annotations(rng: random.Random, n: int = 120) -> list[dict]:
+    """Annotations whose text holds '},' inside strings and nested values, so that the last
+    '},' of a window is often not the end of an element."""
+    anns = []
+    for k in range(n):
+        ann = {"id": k, "image_id": k // 3, "category_id": 1, "bbox": [k, 1.5, 2, 3]}
+        if k % 4 == 1:
+            ann["note"] = 'x}, {"id": 1}, {' * rng.randrange(1, 3)
+        if k % 5 == 2:
+            ann["parts"] = [{"a": 1}, {"b": [{"c": 2}, {}]}]
+        anns.append(ann)
+    return anns
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+def test_bulk_runs_end_only_after_whole_elements(tmp_path, monkeypatch, indent):
+    # A bulk reader that takes any text strict JSON accepts: the scanner's cut must still hand
+    # it only whole elements, and what it declines must come element by element, in order.
+    monkeypatch.setattr(scan, "CHUNK_CHARS", 256)
+    monkeypatch.setattr(scan, "LOOKAHEAD", 16)
+    monkeypatch.setattr(scan, "BULK_TRIES", 10**6)
+    doc = {"images": [], "annotations": _tricky_annotations(random.Random(4)), "categories": []}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(doc, indent=indent))
+    got: list = []
+    runs = {"taken": 0, "declined": 0}
+
+    def bulk(text):
+        try:
+            items = json.loads("[" + text + "]")
+        except json.JSONDecodeError:
+            runs["declined"] += 1
+            return None
+        runs["taken"] += 1
+        got.extend(items)
+        return len(items)
+
+    scan.scan(path, {"images": lambda *a: None, "annotations": lambda items, _: got.extend(items)},
+              (), batch=5, bulk={"annotations": bulk})
+    assert got == doc["annotations"]
+    # declined: the window's last '},' was inside a string or a nested value
+    assert runs["taken"] >= 5 and runs["declined"] >= 2, runs
+
+
+def _objects365_like(rng: random.Random, n_images: int = 40) -> dict:
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 48}
+              for i in range(n_images)]
+    anns = []
+    for image in images:
+        for _ in range(rng.choice([0, 2, 5])):
+            anns.append({"id": len(anns), "iscrowd": 0, "area": rng.random(),
+                         "bbox": [rng.random() * 9, 1, rng.choice([2, 2.5]), 3],
+                         "image_id": image["id"], "category_id": rng.choice([1, 2]),
+                         "isfake": rng.randrange(2), "isreflected": 0})
+    odd = {5: ("id", 2**70), 17: ("bbox", [1, 2, 3]), 30: ("isfake", True), 44: ("area", None),
+           58: ("isreflected", "no"), 71: ("category_id", 7.0), 85: ("bbox", [1, True, 3, 4])}
+    for k, (key, value) in odd.items():
+        if k < len(anns):
+            anns[k][key] = value
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 7)]}
+
+
+def test_the_bulk_path_writes_the_index_the_element_path_writes(tmp_path, monkeypatch):
+    from pipelines.sources import sortfree, stream
+
+    monkeypatch.setattr(scan, "CHUNK_CHARS", 700)  # a few entries per window
+    monkeypatch.setattr(scan, "LOOKAHEAD", 32)
+    monkeypatch.setattr(scan, "BULK_TRIES", 10**6)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 4)
+    path = tmp_path / "o365.json"
+    path.write_text(json.dumps(_objects365_like(random.Random(5)), separators=(",", ":")))
+    runs = []
+    real_bulk = sortfree.AnnSink.bulk
+    monkeypatch.setattr(sortfree.AnnSink, "bulk",
+                        lambda self, text: runs.append(real_bulk(self, text)) or runs[-1])
+    with_bulk = build_index_files(path, tmp_path / "bulk")
+    assert sum(r is not None for r in runs) >= 3 and runs.count(None) >= 3, runs
+    monkeypatch.setattr(sortfree.AnnSink, "bulk", lambda self, text: None)
+    assert with_bulk == build_index_files(path, tmp_path / "entries")
+
+
+def build_index_files(path, folder) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipelines.sources.stream import build_index
+
+    build_index(path, folder, "64MB")
+    return {f: pq.read_table(folder / f).to_pylist()
+            for f in ("images.parquet", "annotations.parquet", "orphans.parquet")}
+
+
+@pytest.mark.parametrize("key", ["isreflected", "bbox"])
+def test_a_deeply_nested_annotation_value_is_that_object_s_error(tmp_path, key):
+    # pyarrow's type inference recursed into such a value and crashed the process (segfault).
+    deep = "[" * 20_000 + "]" * 20_000
+    anns = [json.dumps({"id": k, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4],
+                        "isreflected": 0}) for k in range(6)]
+    anns[3] = anns[3].replace(f'"{key}": ' + ("[1, 2, 3, 4]" if key == "bbox" else "0"),
+                              f'"{key}": {deep}')
+    path = tmp_path / "deep.json"
+    path.write_text('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": ['
+                    + ", ".join(anns) + '], "categories": [{"id": 1, "name": "a"}]}')
+    records = list(CocoSource("coco", "train", tmp_path, path).records())
+    objects = records[0].objects
+    assert len(objects) == 6
+    assert [o.error is not None for o in objects] == [False, False, False, True, False, False]
