@@ -30,22 +30,20 @@ bench/results/ablation_levers.json.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import check, console, machine, parser, print_table, write_results
+from _common import check, machine, parser, print_table
 from pycocotools import mask as mask_utils
 
 from engine.cli import main as engine
 from pipelines.scenes import write_scenes
 
-MODES = ("mixed", "learnable", "conditional")
 STUFF = "background"
 
 
@@ -76,54 +74,35 @@ def add_stuff(gt_json: Path) -> Path:
     return out
 
 
-def scene_shards(data_dir: Path, name: str, n: int, seed: int) -> Path:
-    """Shards of n generated scenes (seed) with gt things + background stuff; cached. The shards
-    live beside the scenes folder: the engine refuses an --out inside its dataset root."""
-    root = Path(data_dir) / "ablation" / f"{name}-{n}-s{seed}"
+def scenes_root(data_dir: Path, name: str, n: int, seed: int, style: str = "photo",
+                size: tuple[int, int] = (320, 240)) -> Path:
+    """The folder of n generated scenes (seed, style, (width, height)), written once."""
+    tag = "" if (style, size) == ("photo", (320, 240)) else f"-{style}{size[0]}x{size[1]}"
+    root = Path(data_dir) / "ablation" / f"{name}-{n}-s{seed}{tag}"
+    if not (root / "scenes_gt.json").is_file():
+        write_scenes(root, n, seed=seed, style=style, width=size[0], height=size[1])
+    return root
+
+
+def scene_shards(data_dir: Path, name: str, n: int, seed: int, style: str = "photo",
+                 size: tuple[int, int] = (320, 240)) -> Path:
+    """Shards of n generated scenes with gt things + background stuff; cached. The shards live
+    beside the scenes folder: the engine refuses an --out inside its dataset root."""
+    root = scenes_root(data_dir, name, n, seed, style, size)
     shards = root.with_name(root.name + "-shards")
     if not (shards / "manifest.json").is_file():
-        gt_json = root / "scenes_gt.json"
-        if not gt_json.is_file():
-            _, gt_json = write_scenes(root, n, seed=seed)
         code = engine(["synthesize", "--source", "coco", "--root", str(root.resolve()),
-                       "--annotations", str(add_stuff(gt_json)), "--out", str(shards),
-                       "--masker", "box", "--executor", "local", "--unit-size", "100"])
+                       "--annotations", str(add_stuff(root / "scenes_gt.json")), "--out",
+                       str(shards), "--masker", "box", "--executor", "local", "--unit-size",
+                       "100"])
         check(code == 0, f"engine synthesize of {root} failed")
     return shards
 
 
-def train_and_eval(args, mix: Path, held_out: Path, mode: str, seed: int, run_dir: Path) -> dict:
-    out = run_dir / f"{mode}-s{seed}"
-    argv = ["train", "--mixture", str(mix), "--out", str(out), "--queries", mode,
-            "--model", "tiny", "--text-encoder", args.text_encoder, "--image-size",
-            str(args.image_size), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-            "--lr", str(args.lr), "--warmup", str(min(50, args.steps // 10)), "--grad-clip", "1",
-            "--num-points", "1024", "--log-interval", "10", "--ckpt-interval",
-            str(args.steps), "--seed", str(seed), "--device", "cpu", "--no-tensorboard"]
-    start = time.perf_counter()
-    check(engine(argv) == 0, f"engine train failed: {' '.join(argv)}")
-    train_s = time.perf_counter() - start
-    evals = {}
-    for task in ("instance", "panoptic"):
-        dest = out / f"eval-{task}.json"
-        with contextlib.redirect_stdout(io.StringIO()):  # its table; the figures are in dest
-            code = engine(["eval", "--checkpoint", str(out / "last.pt"), "--data",
-                           str(held_out), "--task", task, "--out", str(dest), "--device", "cpu"])
-        check(code == 0, f"engine eval {task} of {out} failed")
-        evals[task] = json.loads(dest.read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-max(1, len(rows) // 4):]  # the last quarter of training
-    return {"train_s": train_s, "final_loss": statistics.mean(r["loss"] for r in last),
-            "instance": evals["instance"], "panoptic": evals["panoptic"],
-            "train_split": {k: sum(r.get(f"matched/{k}", 0) for r in last) for k in
-                            ("conditional/thing", "conditional/stuff", "learnable/thing",
-                             "learnable/stuff")}}
-
-
 # One lever changed from `base` per arm (the issue's list); steps chosen to fit <= 12 minutes of
 # 1-thread CPU training on the shared 2-core box.
-BASE = dict(model="tiny", image_size=128, batch_size=4, steps=1500, lr=5e-4, warmup=50,
-            num_points=1024, full_mask=False, model_options={}, loss_weights={})
+BASE = dict(queries="mixed", model="tiny", image_size=128, batch_size=4, steps=1500, lr=5e-4,
+            warmup=50, num_points=1024, full_mask=False, model_options={}, loss_weights={})
 ARMS: dict[str, dict] = {
     "base": {},
     "dn": dict(model_options={"dn_groups": 3}),
@@ -137,6 +116,11 @@ ARMS: dict[str, dict] = {
     "combo": dict(image_size=192, lr=1e-3, steps=2400),
     "combo-center": dict(image_size=192, lr=1e-3, steps=2400,
                          model_options={"center_texts": True}),
+    # on plain 160 px scenes (--scenes plain, the default): the combo at the scenes' own size,
+    # for as long as fits 12 minutes of 1-thread CPU
+    "long": dict(image_size=160, lr=1e-3, steps=4000),
+    # the recipe of the claims (--claim): the combo at 160 px, short enough for 3 seeds x 7 arms
+    "claims": dict(image_size=160, lr=1e-3, steps=1200),
 }
 
 
@@ -146,6 +130,28 @@ def arm_config(name: str, steps: int | None) -> dict:
     cfg = dict(BASE, **ARMS[name])
     if steps:
         cfg["steps"] = steps
+    return cfg
+
+
+def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
+    """cfg with `key=value` assignments applied (value parsed as JSON, else a string); a dotted
+    key sets one entry of a dict option: `model_options.dn_groups=3`."""
+    cfg = json.loads(json.dumps(cfg))
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        if not parents and leaf not in cfg:
+            raise ValueError(f"--set {key}: unknown; choose one of: {', '.join(cfg)}")
+        node[leaf] = value
     return cfg
 
 
@@ -207,65 +213,107 @@ def diagnose(model, shards: Path, image_size: int, limit: int | None = None) -> 
             "matched_class_acc": correct / total if total else None, "images": evaluator.images}
 
 
-def run_arm(args, name: str) -> dict:
-    """Train the mixed model under arm `name` and diagnose it on held-out and training scenes."""
-    import torch
+class Bench:
+    """What every arm shares: the recipe (an arm of ARMS with --set overrides), the scene sets,
+    training in-process (model.train.train) and the diagnosis."""
 
-    from model.checkpoint import load_checkpoint_file
-    from model.data import MixtureLoader
-    from model.inference import load_model
-    from model.mixture import load_mixture
-    from model.train import TrainConfig, train
+    def __init__(self, args, arm: str):
+        self.args = args
+        self.cfg = apply_overrides(arm_config(arm, args.steps), args.set)
+        self.scenes = dict(style=args.scenes, size=args.scene_size)
+        self.held_out = self.scene_shards("heldout", args.n_val, 202)
+        self.stuff = STUFF
+        self.run_dir: Path | None = None
 
-    cfg = arm_config(name, args.steps)
-    train_shards = scene_shards(args.data_dir, "train", args.n_train, seed=101)
-    held_out = scene_shards(args.data_dir, "heldout", args.n_val, seed=202)
-    out = Path(args.data_dir) / "ablation" / f"arm-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True)
-    mix = out / "mix.yaml"
-    mix.write_text(f"datasets:\n  - path: {train_shards}\n    tasks: [instance, panoptic]\n"
-                   f"    masks: [gt]\nexclude: [{held_out}]\n")
-    seed = int(args.seeds.split(",")[0])
-    config = TrainConfig(out_dir=str(out), model_size=cfg["model"], queries="mixed",
-                         text_encoder=args.text_encoder, max_iters=cfg["steps"], lr=cfg["lr"],
-                         warmup_iters=min(cfg["warmup"], cfg["steps"] // 10), grad_clip=1.0,
-                         num_points=cfg["num_points"], full_mask_loss=cfg["full_mask"],
-                         log_interval=20,
-                         ckpt_interval=cfg["steps"], seed=seed, device="cpu",
-                         tensorboard=False, model_options=cfg["model_options"],
-                         loss_weights=cfg["loss_weights"],
-                         data={"image_size": cfg["image_size"]})
-    loader = MixtureLoader(load_mixture(mix), image_size=cfg["image_size"],
-                           batch_size=cfg["batch_size"], seed=seed, train=True, cache_images=1100)
-    start = time.perf_counter()
-    ckpt = train(config, loader)
-    train_s = time.perf_counter() - start
-    model = load_model(load_checkpoint_file(ckpt))
-    n_params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        held = diagnose(model, held_out, cfg["image_size"])
-        fit = diagnose(model, train_shards, cfg["image_size"], limit=args.n_val)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-max(1, len(rows) // 4):]
-    return {"config": cfg, "seed": seed, "params": n_params, "train_s": train_s,
-            "s_per_step": train_s / cfg["steps"], "held_out": held, "train_set": fit,
+    def scenes_root(self, name: str, n: int, seed: int) -> Path:
+        return scenes_root(self.args.data_dir, name, n, seed, **self.scenes)
+
+    def scene_shards(self, name: str, n: int, seed: int) -> Path:
+        return scene_shards(self.args.data_dir, name, n, seed, **self.scenes)
+
+    def diagnose(self, model, shards: Path, limit: int | None = None) -> dict:
+        return diagnose(model, shards, self.cfg["image_size"], limit)
+
+    def train(self, mix: Path, out: Path, seed: int, queries: str | None = None):
+        """Train the recipe on a mixture -> (checkpoint, model, figures of the run)."""
+        from model.checkpoint import load_checkpoint_file
+        from model.data import MixtureLoader
+        from model.inference import load_model
+        from model.mixture import load_mixture
+        from model.train import TrainConfig, train
+
+        cfg = self.cfg
+        config = TrainConfig(out_dir=str(out), model_size=cfg["model"],
+                             queries=queries or cfg["queries"],
+                             text_encoder=self.args.text_encoder, max_iters=cfg["steps"],
+                             lr=cfg["lr"], warmup_iters=min(cfg["warmup"], cfg["steps"] // 10),
+                             grad_clip=1.0, num_points=cfg["num_points"],
+                             full_mask_loss=cfg["full_mask"], log_interval=20,
+                             ckpt_interval=cfg["steps"], seed=seed, device="cpu",
+                             tensorboard=False, model_options=cfg["model_options"],
+                             loss_weights=cfg["loss_weights"],
+                             data={"image_size": cfg["image_size"]})
+        loader = MixtureLoader(load_mixture(mix), image_size=cfg["image_size"],
+                               batch_size=cfg["batch_size"], seed=seed, train=True,
+                               cache_images=1100)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        ckpt = train(config, loader)
+        train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        model = load_model(load_checkpoint_file(ckpt))
+        model.eval()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        last = rows[-max(1, len(rows) // 4):]
+        accuracy = [r["class/accuracy"] for r in last if r.get("class/accuracy") is not None]
+        return Path(ckpt), model, {
+            "params": sum(p.numel() for p in model.parameters()), "train_s": train_s,
+            "train_cpu_s": train_cpu_s, "s_per_step": train_s / cfg["steps"],
             "final_loss": statistics.mean(r["loss"] for r in last),
-            "train_class_acc": statistics.mean(r["class/accuracy"] for r in last
-                                               if r.get("class/accuracy") is not None),
+            "train_class_acc": statistics.mean(accuracy) if accuracy else None,
             "text_cosine": [rows[0].get("class/text_cosine"), rows[-1].get("class/text_cosine")],
             "run_dir": str(out)}
 
 
+def run_arm(args, name: str) -> dict:
+    """Train the mixed model under arm `name` and diagnose it on held-out and training scenes."""
+    import torch
+
+    bench = Bench(args, name)
+    train_shards = bench.scene_shards("train", args.n_train, 101)
+    out = Path(args.data_dir) / "ablation" / (f"arm-{args.tag or name}-"
+                                              f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    out.mkdir(parents=True)
+    mix = out / "mix.yaml"
+    mix.write_text(f"datasets:\n  - path: {train_shards}\n    tasks: [instance, panoptic]\n"
+                   f"    masks: [gt]\nexclude: [{bench.held_out}]\n")
+    seed = int(args.seeds.split(",")[0])
+    ckpt, model, stats = bench.train(mix, out, seed)
+    with torch.no_grad():
+        held = bench.diagnose(model, bench.held_out)
+        fit = bench.diagnose(model, train_shards, limit=args.n_val)
+    return dict(stats, config=bench.cfg, seed=seed, held_out=held, train_set=fit)
+
+
+def merge_result(path: Path, bench: str, section: str, key: str, value: dict) -> dict:
+    """Add `value` under data[section][key] of the JSON results file at `path`, atomically and
+    under a lock (arms run side by side on both cores); -> the whole file's data."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.is_file() else {"bench": bench, section: {}}
+        data.setdefault(section, {})[key] = value
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.replace(path)
+    return data
+
+
 def lever_main(args) -> int:
     result = run_arm(args, args.arm)
-    path = args.results / "ablation_levers.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"bench": "ablation_levers",
-                                                                "arms": {}}
-    data["arms"][args.arm] = dict(result, machine=machine())
-    args.results.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    result.update(scenes=args.scenes, scene_size=args.scene_size, overrides=args.set)
+    data = merge_result(args.results / "ablation_levers.json", "ablation_levers", "arms",
+                        args.tag or args.arm, dict(result, machine=machine()))
     rows = []
     for name, r in data["arms"].items():
         h, t = r["held_out"], r["train_set"]
@@ -278,87 +326,59 @@ def lever_main(args) -> int:
     return 0
 
 
-def summarise(runs: list[dict]) -> dict:
-    """Mean over seeds of the figures in the table."""
-    def mean(get):
-        values = [get(r) for r in runs]
-        values = [v for v in values if v is not None]
-        return statistics.mean(values) if values else None
+def claim_main(args) -> int:
+    """--claim NAME: every arm of one of the paper's claims (bench/_claims.py), several seeds."""
+    import _claims
 
-    return {
-        "mask_AP": mean(lambda r: r["instance"]["metrics"]["mask_AP"]),
-        "mask_AP50": mean(lambda r: r["instance"]["metrics"]["mask_AP50"]),
-        "box_AP": mean(lambda r: r["instance"]["metrics"]["box_AP"]),
-        "PQ": mean(lambda r: r["panoptic"]["metrics"]["PQ"]),
-        "PQ_things": mean(lambda r: r["panoptic"]["metrics"]["PQ_things"]),
-        "PQ_stuff": mean(lambda r: r["panoptic"]["metrics"]["PQ_stuff"]),
-        "conditional_of_things": mean(
-            lambda r: r["panoptic"]["query_split"]["conditional_of_things"]),
-        "learnable_of_stuff": mean(lambda r: r["panoptic"]["query_split"]["learnable_of_stuff"]),
-        "final_loss": mean(lambda r: r["final_loss"]),
-        "train_s": mean(lambda r: r["train_s"]),
-    }
+    seeds = [int(v) for v in args.seeds.split(",")]
+    bench = Bench(args, args.arm or "claims")
+    bench.run_dir = _claims.run_dir(args.data_dir, args.claim)
+    result = _claims.run_claim(bench, args.claim, seeds)
+    result.update(recipe=bench.cfg, scenes=args.scenes, scene_size=args.scene_size,
+                  text_encoder=args.text_encoder, n_train=args.n_train, n_val=args.n_val,
+                  run_dir=str(bench.run_dir))
+    name = "ablation_claims" + (".quick" if args.quick else "")
+    merge_result(args.results / f"{name}.json", "ablation_claims", "claims", args.claim,
+                 dict(result, machine=machine()))
+    for arm, runs in result["runs"].items():
+        for r in runs:
+            check(all(0 <= r[k] <= 1 for k in ("mask_AP", "cIoU") if r.get(k) is not None),
+                  f"{args.claim} / {arm}: a metric out of [0, 1]")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps per mode (default 1200, quick: 60; an arm's own)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the arm's)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--n-train", type=int, default=1000, help="training scenes (quick: 16)")
     p.add_argument("--n-val", type=int, default=100, help="held-out scenes (quick: 8)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--n-a", type=int, default=250, help="claim masks: set A's scenes (GT masks)")
+    p.add_argument("--n-b", type=int, default=750,
+                   help="claim masks: set B's scenes (boxes only, GrabCut masks)")
     p.add_argument("--text-encoder", default="hashed", help="hashed (fast) or minilm")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--arm", default=None, help=f"one lever arm: {', '.join(ARMS)}")
+    p.add_argument("--arm", default=None, help=f"the recipe: one of {', '.join(ARMS)}")
+    p.add_argument("--claim", default=None, choices=("table2", "masks", "captions"),
+                   help="run one of the paper's claims (all its arms, every seed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field of the arm's recipe (repeatable)")
+    p.add_argument("--tag", default=None, help="the arm's name in the results (default --arm)")
+    p.add_argument("--scenes", default="plain", choices=("photo", "plain"),
+                   help="scene style (pipelines/scenes.py)")
+    p.add_argument("--scene-size", default=(160, 160),
+                   type=lambda v: tuple(int(x) for x in v.lower().split("x")),
+                   help="scene width x height, e.g. 160x160")
     args = p.parse_args(argv)
-    if args.arm:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        return lever_main(args)
-    args.steps = args.steps or 1200
     if args.quick:
-        args.steps, args.n_train, args.n_val = 60, 16, 8
+        args.steps, args.n_train, args.n_val, args.n_a, args.n_b = 30, 16, 8, 8, 8
+        args.seeds = "0,1"
+    if not args.arm and not args.claim:
+        p.error("give --arm NAME (one recipe, one seed) or --claim NAME (several seeds)")
     import torch
 
     torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    train = scene_shards(args.data_dir, "train", args.n_train, seed=101)
-    held_out = scene_shards(args.data_dir, "heldout", args.n_val, seed=202)
-    run_dir = Path(args.data_dir) / "ablation" / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True)
-    mix = run_dir / "mix.yaml"
-    mix.write_text(f"datasets:\n  - path: {train}\n    tasks: [instance, panoptic]\n"
-                   f"    masks: [gt]\nexclude: [{held_out}]\n")
-    results = {}
-    for mode in MODES:
-        runs = [train_and_eval(args, mix, held_out, mode, s, run_dir) for s in seeds]
-        results[mode] = {"summary": summarise(runs), "runs": runs}
-    base = results["mixed"]["summary"]
-    rows = []
-    for mode in MODES:
-        s = results[mode]["summary"]
-        s["mask_AP_ratio_to_mixed"] = s["mask_AP"] / base["mask_AP"] if base["mask_AP"] else None
-        s["PQ_ratio_to_mixed"] = s["PQ"] / base["PQ"] if base["PQ"] else None
-        rows.append([mode, s["mask_AP"], s["mask_AP50"], s["box_AP"], s["PQ"], s["PQ_things"],
-                     s["PQ_stuff"], s["mask_AP_ratio_to_mixed"], s["conditional_of_things"],
-                     s["learnable_of_stuff"], s["final_loss"], s["train_s"]])
-        check(s["mask_AP"] is not None and 0 <= s["mask_AP"] <= 1, f"{mode}: mask AP out of range")
-    print_table(f"query ablation, tiny model, {args.steps} steps x batch {args.batch_size} at "
-                f"{args.image_size}px, {args.n_train} train / {args.n_val} held-out scenes, "
-                f"seeds {args.seeds}",
-                ["queries", "mask AP", "mask AP50", "box AP", "PQ", "PQ th", "PQ st", "AP / mixed",
-                 "cond. share of things", "learn. share of stuff", "final loss", "train s"], rows)
-    console.print("query-type shares: matched held-out panoptic targets (Hungarian matching of "
-                  "the final decoder stage)")
-    config = {k: getattr(args, k) for k in ("steps", "seeds", "n_train", "n_val", "image_size",
-                                            "batch_size", "lr", "text_encoder", "threads")}
-    config.update(train_scenes_seed=101, held_out_scenes_seed=202, run_dir=str(run_dir))
-    write_results("ablation", args, config, results)
-    return 0
+    return claim_main(args) if args.claim else lever_main(args)
 
 
 if __name__ == "__main__":

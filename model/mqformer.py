@@ -66,13 +66,14 @@ class MQFormer(nn.Module):
     def __init__(self, backbone: Backbone, pixel_encoder: PixelEncoder, decoder: MixedQueryDecoder,
                  text_encoder: CachedTextEncoder, d: int, mask_dim: int, queries: str = "mixed",
                  num_learnable: int = 100, num_conditional: int = 300,
-                 denoising: DenoisingQueries | None = None, center_texts: bool = False):
+                 denoising: DenoisingQueries | None = None, center_texts: bool = False,
+                 pool_masks: bool = False):
         super().__init__()
         self.denoising = denoising
         self.backbone, self.pixel_encoder, self.decoder = backbone, pixel_encoder, decoder
         self.text_encoder = text_encoder  # frozen, plain object: not in state_dict or optimizer
         self.text_proj = nn.Linear(text_encoder.dim, d)
-        self.heads = PredictionHeads(d, mask_dim, center_texts)
+        self.heads = PredictionHeads(d, mask_dim, center_texts, pool_masks)
         self.queries_mode = queries
         self.num_learnable, self.num_conditional = query_counts(queries, num_learnable,
                                                                 num_conditional)

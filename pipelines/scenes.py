@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ASSETS_DIR = Path(__file__).parent / "sources" / "demo_data"
 SHAPES = ("horse", "ellipse", "star", "polygon")
 TEXTURES = ("brick", "grass", "gravel")
+STYLES = ("photo", "plain")
 MIN_VISIBLE_FRACTION = 0.5  # drop objects mostly hidden behind later ones
 MIN_VISIBLE_PIXELS = 150  # at 320x240; scaled down for small scenes
 EDGE_SIGMA = 0.7  # softness of pasted edges, in pixels
@@ -160,7 +161,10 @@ def _shaded_fill(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return np.clip(colour + ramp[..., None] + noise, 0, 255).astype(np.uint8)
 
 
-def _object_fill(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def _object_fill(rng: np.random.Generator, height: int, width: int,
+                 plain: bool = False) -> np.ndarray:
+    if plain:
+        return _shaded_fill(rng, height, width)
     kind = rng.choice(3, p=[0.45, 0.3, 0.25])
     if kind == 0:
         return _shaded_fill(rng, height, width)
@@ -169,7 +173,10 @@ def _object_fill(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return _photo_crop(rng, height, width)
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def _background(rng: np.random.Generator, height: int, width: int,
+                plain: bool = False) -> np.ndarray:
+    if plain:
+        return _texture_fill(rng, height, width)
     if rng.random() < 0.8:
         return _photo_crop(rng, height, width)
     return _texture_fill(rng, height, width)
@@ -184,15 +191,23 @@ def make_scene(
     height: int = 240,
     n_objects: tuple[int, int] = (2, 5),
     shapes: tuple[str, ...] = SHAPES,
+    style: str = "photo",
 ) -> Scene:
     """Draw one scene of (height, width) with between n_objects[0] and n_objects[1] objects.
+
+    style: "photo" (photo or texture backgrounds; flat, textured or photo fills) or "plain" (a
+    tinted texture background and flat shaded fills only: the easy end, for training miniatures
+    that must learn within minutes on a CPU).
 
     Objects that end up mostly hidden are dropped, so a scene may hold fewer objects than drawn (at
     least one is always kept: the last painted object is never occluded).
     """
     if width < 32 or height < 32:
         raise ValueError(f"scene size {width}x{height} is too small (need at least 32x32)")
-    image = _background(rng, height, width)
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; choose one of: {', '.join(STYLES)}")
+    plain = style == "plain"
+    image = _background(rng, height, width, plain)
     full_masks, categories = [], []
     for _ in range(int(rng.integers(n_objects[0], n_objects[1] + 1))):
         shape = str(shapes[int(rng.integers(len(shapes)))])
@@ -205,7 +220,7 @@ def make_scene(
         x0 = int(rng.integers(0, width - sw + 1))
         mask = np.zeros((height, width), bool)
         mask[y0 : y0 + sh, x0 : x0 + sw] = sil
-        _paste(image, mask, _object_fill(rng, sh, sw), y0, x0)
+        _paste(image, mask, _object_fill(rng, sh, sw, plain), y0, x0)
         full_masks.append(mask)
         categories.append(shape)
     return _visible(image, full_masks, categories)
@@ -271,6 +286,8 @@ def write_scenes(
     height: int = 240,
     first_image_id: int = 1,
     subdir: str = "scenes",
+    style: str = "photo",
+    n_objects: tuple[int, int] = (2, 5),
 ) -> tuple[Path, Path]:
     """Write n scenes as `<out_dir>/<subdir>/scene_NNNN.png` plus two COCO files in out_dir.
 
@@ -282,7 +299,8 @@ def write_scenes(
     images, boxes_only, with_masks = [], [], []
     cat_ids = {name: k + 1 for k, name in enumerate(SHAPES)}
     for i in range(n):
-        scene = make_scene(scene_rng(seed, i), width=width, height=height)
+        scene = make_scene(scene_rng(seed, i), width=width, height=height,
+                           n_objects=n_objects, style=style)
         image_id = first_image_id + i
         file_name = f"{subdir}/scene_{i:04d}.png"
         bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
@@ -304,7 +322,8 @@ def write_scenes(
             seg = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
             with_masks.append({**ann, "segmentation": seg, "area": int(mask_utils.area(rle))})
     categories = [{"id": i, "name": name, "supercategory": "shape"} for name, i in cat_ids.items()]
-    info = {"description": f"mqengine generated scenes (seed {seed}, {n} images)", "version": "1.0"}
+    info = {"description": f"mqengine generated scenes (seed {seed}, {n} images, {style})",
+            "version": "1.0"}
     paths = (out_dir / "scenes.json", out_dir / "scenes_gt.json")
     for path, anns in zip(paths, (boxes_only, with_masks), strict=True):
         coco = {

@@ -166,3 +166,41 @@ def test_centred_texts_ignore_what_all_of_a_samples_texts_share():
     assert torch.isfinite(centred(queries, texts, one)[:, :, 0]).all()
     torch.testing.assert_close(centred(queries, texts, one)[:, :, 0],
                                plain(queries, texts, one)[:, :, 0])
+
+
+def test_mask_pooling_averages_features_over_the_soft_mask_and_starts_as_the_plain_head():
+    """pool_masks: the class head adds the features averaged over each query's sigmoid mask
+    (numpy reference); the added Linear starts at zero, so an untrained model's outputs equal the
+    plain model's; the class loss reaches the pooling Linear but not the mask logits through it."""
+    import numpy as np
+
+    from model.heads import PredictionHeads, mask_pool
+
+    torch.manual_seed(0)
+    logits, feats = torch.randn(2, 3, 4, 5), torch.randn(2, 6, 4, 5)
+    w = 1 / (1 + np.exp(-logits.numpy()))
+    ref = np.einsum("bqhw,bchw->bqc", w, feats.numpy()) / w.sum((2, 3))[..., None]
+    np.testing.assert_allclose(mask_pool(logits, feats).numpy(), ref, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(1)
+    plain = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24)).eval()
+    torch.manual_seed(1)
+    pooled = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24),
+                            pool_masks=True).eval()
+    pooled.load_state_dict(plain.state_dict(), strict=False)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(images, TEXTS[:2]), pooled(images, TEXTS[:2])
+    for key in ("pred_logits", "pred_masks", "pred_boxes"):
+        torch.testing.assert_close(a[key], b[key])
+
+    heads = PredictionHeads(8, 6, pool_masks=True)
+    torch.nn.init.normal_(heads.pool.weight)
+    queries = torch.randn(1, 3, 8, requires_grad=True)
+    mask_feats = torch.randn(1, 6, 4, 5)
+    cls, masks = heads(queries, torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool),
+                       mask_feats)
+    masks.retain_grad()
+    cls.sum().backward()
+    assert heads.pool.weight.grad.abs().sum() > 0
+    assert masks.grad is None or masks.grad.abs().sum() == 0
