@@ -1,31 +1,31 @@
-"""A miniature of MQ-Former's Table 2 ablation: mixed vs learnable-only vs conditional-only queries.
+"""MQ-Former in miniature on CPU: training levers one at a time, and the paper's claims with seeds.
 
-Data: generated scenes (pipelines/scenes.py: silhouettes pasted on real photos, exact masks) on two
-seeds: a training set and a disjoint held-out set. Each scene's ground truth is its objects (things:
-horse, ellipse, star, polygon) plus one stuff region, `background` (every pixel no object covers,
-{"isthing": false}), so both halves of the paper's query-type split can be measured. The COCO files
-become `gt` shards through `engine synthesize --source coco`; the held-out shards are also the
-mixture's `exclude` set.
+Data: generated scenes (pipelines/scenes.py, exact masks) on two seeds: a training set and a
+disjoint held-out set. `--scenes plain` (the default: a texture background, flat shaded fills,
+160x160) is the miniature in which a 0.3M-parameter model learns within minutes; `--scenes photo
+--scene-size 320x240` is the harder set of the first levers (photo backgrounds and fills). Each
+scene's ground truth is its objects (things: horse, ellipse, star, polygon) plus one stuff region,
+`background` (every pixel no object covers, {"isthing": false}), so both halves of the paper's
+query-type split can be measured. The COCO files become `gt` shards through `engine synthesize
+--source coco`; the held-out shards are also every mixture's `exclude` set.
 
-Each query mode trains the `tiny` model from the same seed for the same steps on CPU (`engine train
---queries ...`, the same total number of queries) on instance + panoptic targets, then `engine eval`
-measures on the held-out set: instance mask / box AP (COCOeval) and panoptic PQ, plus the query-type
-split of the matched held-out targets (share of things taken by conditional queries, share of stuff
-by learnable ones; the paper reports ~99.6% and ~53% on COCO). Ratios are to `mixed`, measured in
-the same run. A model this small trained this briefly only shows trends; several --seeds help tell
-them from noise.
-
-    .venv/bin/python bench/ablation.py [--quick] [--steps 1200] [--seeds 0] [--n-train 1000]
-
-Levers (`--arm NAME`, one at a time): the mixed model under one recipe of `ARMS` (each differs
-from `base` in one lever), trained in-process from the library (model.train.train) on 1000
-training scenes and measured on 100 held-out scenes and on 100 of the training scenes: per-class
-and class-agnostic mask AP (every category relabelled as one), the mean mask IoU of the queries
-the Hungarian matcher assigns to the held-out targets, and how often such a query's best text is
-its target's (matched-class accuracy). Each arm's figures are merged into
+Levers (`--arm NAME [--set KEY=VALUE ...] [--tag NAME]`): the mixed model under one recipe of
+`ARMS` (each differs from `base` in one lever; `--set` overrides one field, e.g.
+`model_options.pool_masks=true`), trained in-process (model.train.train) on 1000 training scenes
+and measured on the 100 held-out scenes and on 100 of the training scenes: per-class and
+class-agnostic mask AP (every category relabelled as one), the mean mask IoU of the queries the
+Hungarian matcher assigns to the held-out targets, and how often such a query's best text is its
+target's (matched-class accuracy); wall and CPU seconds of training. Merged into
 bench/results/ablation_levers.json.
 
-    .venv/bin/python bench/ablation.py --arm base [--steps N]
+    .venv/bin/python bench/ablation.py --arm long
+
+Claims (`--claim table2|masks|captions --seeds 0,1,2`, bench/_claims.py): every arm of one of the
+paper's claims under one recipe (`--arm`, default `claims`), each seed, mean +- sd and a paired
+per-seed comparison with the first arm. Merged into bench/results/ablation_claims.json.
+
+    .venv/bin/python bench/ablation.py --claim table2 --seeds 0,1,2
+    .venv/bin/python bench/ablation.py --claim table2 --quick      # 30 steps, 16 scenes, 2 seeds
 """
 
 from __future__ import annotations
@@ -311,7 +311,8 @@ def merge_result(path: Path, bench: str, section: str, key: str, value: dict) ->
 
 def lever_main(args) -> int:
     result = run_arm(args, args.arm)
-    result.update(scenes=args.scenes, scene_size=args.scene_size, overrides=args.set)
+    result.update(scenes=args.scenes, scene_size=args.scene_size, overrides=args.set,
+                  text_encoder=args.text_encoder)
     data = merge_result(args.results / "ablation_levers.json", "ablation_levers", "arms",
                         args.tag or args.arm, dict(result, machine=machine()))
     rows = []
@@ -373,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.n_train, args.n_val, args.n_a, args.n_b = 30, 16, 8, 8, 8
         args.seeds = "0,1"
+    if args.quick and not args.arm and not args.claim:
+        args.claim = "table2"  # `make bench`: the smoke test of the claims path
     if not args.arm and not args.claim:
         p.error("give --arm NAME (one recipe, one seed) or --claim NAME (several seeds)")
     import torch
