@@ -144,5 +144,5 @@ def test_training_with_dn_resumes_exactly(tmp_path):
 
 def test_resume_with_other_model_options_is_refused(tmp_path):
     train(_config(tmp_path, max_iters=2, model_options={"dn_groups": 2}), FakeLoader())
-    with pytest.raises(ValueError, match="model_options"):
+    with pytest.raises(ValueError, match="model options"):
         train(_config(tmp_path, max_iters=4, resume=True), FakeLoader())
