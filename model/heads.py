@@ -113,8 +113,9 @@ class PredictionHeads(nn.Module):
     pool_masks: the class head also sees the mask features averaged over the query's predicted
     mask (a zero-initialised Linear added to the query, so training starts from the plain head).
     A deformable-attention query samples a few points per head; averaged over its mask it sees
-    the whole object (Mask2Former gets this from masked attention). Measured reason: the tiny
-    model confused stars with ellipses (27 of 67 held-out stars, bench/ablation.py).
+    the whole object (Mask2Former gets this from masked attention). Tried because the tiny
+    model took 27 of 67 held-out stars for ellipses; measured, it did not help (held-out mask AP
+    0.173 vs 0.214 on the `long` recipe, one seed: bench/README.md), so it is off by default.
     """
 
     def __init__(self, d: int, mask_dim: int, center_texts: bool = False,
