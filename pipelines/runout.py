@@ -28,6 +28,7 @@ from pipelines.shards import (
     SAVE_EVERY_S,
     UNIT_LOG,
     Manifest,
+    count_unit,
     images_digest,
     unit_counts,
     write_unit,
@@ -293,12 +294,7 @@ class StoreManifest(Manifest):
         self._count(unit, entry)
 
     def _count(self, unit: int, entry: dict) -> None:
-        key = f"{unit:05d}"
-        old = self.units.get(key)
-        self.units[key] = entry
-        totals = self.data.setdefault("totals", {})
-        for k, v in entry["counts"].items():
-            totals[k] = totals.get(k, 0) + v - (old["counts"][k] if old else 0)
+        count_unit(self.data, self.units, f"{unit:05d}", entry)
         if time.monotonic() - self.last_save >= SAVE_EVERY_S:
             self.save()
 

@@ -105,6 +105,16 @@ def write_json_atomic(data: dict, path: Path) -> None:
         _fsync_replace(tmp, path)
 
 
+def count_unit(data: dict, units: dict, key: str, entry: dict) -> None:
+    """Record unit `key`'s entry in `units` and its counts in data["totals"] (a redone unit
+    replaces its old counts): shared by the local and the object-store manifests."""
+    old = units.get(key)
+    units[key] = entry
+    totals = data.setdefault("totals", {})
+    for k, v in entry["counts"].items():
+        totals[k] = totals.get(k, 0) + v - (old["counts"][k] if old else 0)
+
+
 @dataclass
 class Manifest:
     """The manifest of one output folder (see the module docstring)."""
@@ -166,11 +176,7 @@ class Manifest:
             f.write(json.dumps({"unit": key, "entry": entry}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        old = self.units.get(key)
-        self.units[key] = entry
-        totals = self.data.setdefault("totals", {})
-        for k, v in entry["counts"].items():
-            totals[k] = totals.get(k, 0) + v - (old["counts"][k] if old else 0)
+        count_unit(self.data, self.units, key, entry)
         if time.monotonic() - self.last_save >= SAVE_EVERY_S:
             self.save()
 
