@@ -1,6 +1,5 @@
-"""The box masker, slowed down, for interruption tests: a unit takes long enough (0.4 s per image,
-or MQENGINE_SLOW_BOX_S) that a signal can arrive mid-run. Importable by Ray workers as
-`tests.helpers.slow_box:build`."""
+"""The box masker, slowed down, for interruption tests: a unit takes long enough (0.4 s per image)
+that a signal can arrive mid-run. Importable by Ray workers as `tests.helpers.slow_box:build`."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from pipelines.maskers.box import BoxMasker
 
 class SlowBox(BoxMasker):
     def __call__(self, image, boxes):
-        time.sleep(float(os.environ.get("MQENGINE_SLOW_BOX_S", "0.4")))
+        time.sleep(0.4)
         return super().__call__(image, boxes)
 
 
