@@ -41,15 +41,16 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def paired(first: list[float], other: list[float]) -> dict:
-    """Per-seed differences other - first: mean, sd, how many seeds `other` wins, paired t p."""
+    """Per-seed differences other - first: mean, sd, how many seeds `other` wins, paired t p
+    (seeds where either value is missing are left out of all of them)."""
     from scipy.stats import ttest_rel
 
-    diffs = [b - a for a, b in zip(first, other, strict=True) if a is not None and b is not None]
+    pairs = [(a, b) for a, b in zip(first, other, strict=True) if a is not None and b is not None]
+    diffs = [b - a for a, b in pairs]
     mean, sd = _mean_sd(diffs)
     p = None
     if len(diffs) >= 2 and any(d != diffs[0] for d in diffs):
-        p = float(ttest_rel([b for b in other if b is not None],
-                            [a for a in first if a is not None]).pvalue)
+        p = float(ttest_rel([b for _, b in pairs], [a for a, _ in pairs]).pvalue)
     return {"diff_mean": mean, "diff_sd": sd, "wins": sum(d > 0 for d in diffs),
             "seeds": len(diffs), "p": p}
 
