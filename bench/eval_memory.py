@@ -107,7 +107,8 @@ def with_maps(task: str, stream) -> dict:
             preds.append(pred["prob"])
     if task == "semantic":
         out = M.semantic_miou(gts, preds, num_classes=len(VOCAB))
-        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"]}
+        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"],
+                "iou_per_class": M.iou_by_name(out["iou"], VOCAB)}
     if task == "panoptic":
         out = M.panoptic_quality(gts, preds, IS_THING)
         return {"PQ": out["all"]["PQ"], "SQ": out["all"]["SQ"], "RQ": out["all"]["RQ"],

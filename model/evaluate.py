@@ -256,6 +256,12 @@ def miou_from_confusion(conf: np.ndarray) -> dict:
     }
 
 
+def iou_by_name(iou: np.ndarray, vocab: list[str]) -> dict[str, float | None]:
+    """The "iou" array of miou_from_confusion by class name; None for a class absent from both
+    the ground truth and the predictions."""
+    return {name: None if np.isnan(v) else float(v) for name, v in zip(vocab, iou, strict=True)}
+
+
 def semantic_miou(
     gt_maps: list[np.ndarray],
     pred_maps: list[np.ndarray],

@@ -77,9 +77,8 @@ class SemanticMetric:
 
     def result(self) -> dict:
         out = M.miou_from_confusion(self.conf)
-        per_class = {name: None if np.isnan(iou) else float(iou)  # None: absent everywhere
-                     for name, iou in zip(self.vocab, out["iou"], strict=True)}
-        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"], "iou_per_class": per_class}
+        return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"],
+                "iou_per_class": M.iou_by_name(out["iou"], self.vocab)}
 
 
 class PanopticMetric:
