@@ -102,7 +102,8 @@ def scene_shards(data_dir: Path, name: str, n: int, seed: int, style: str = "pho
 # One lever changed from `base` per arm (the issue's list); steps chosen to fit <= 12 minutes of
 # 1-thread CPU training on the shared 2-core box.
 BASE = dict(queries="mixed", model="tiny", image_size=128, batch_size=4, steps=1500, lr=5e-4,
-            warmup=50, num_points=1024, full_mask=False, model_options={}, loss_weights={})
+            warmup=50, num_points=1024, full_mask=False, model_options={}, loss_weights={},
+            tasks=["instance", "panoptic"])
 ARMS: dict[str, dict] = {
     "base": {},
     "dn": dict(model_options={"dn_groups": 3}),
@@ -286,7 +287,8 @@ def run_arm(args, name: str) -> dict:
                                               f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     out.mkdir(parents=True)
     mix = out / "mix.yaml"
-    mix.write_text(f"datasets:\n  - path: {train_shards}\n    tasks: [instance, panoptic]\n"
+    mix.write_text(f"datasets:\n  - path: {train_shards}\n"
+                   f"    tasks: [{', '.join(bench.cfg['tasks'])}]\n"
                    f"    masks: [gt]\nexclude: [{bench.held_out}]\n")
     seed = int(args.seeds.split(",")[0])
     ckpt, model, stats = bench.train(mix, out, seed)

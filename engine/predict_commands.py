@@ -378,7 +378,7 @@ def predict_command(
         samples = _samples(files, texts, size, failed, lambda: progress.advance(bar))
         for sample, output in run_model(model, samples, resolved, batch_size):
             pred = to_original(task, output, sample["geometry"], texts=texts,
-                               is_thing=is_thing if task == "panoptic" else None, top_k=top_k)
+                               is_thing=is_thing, top_k=top_k)
             writer.add(sample, pred)
             progress.advance(bar)
     seconds = time.perf_counter() - start

@@ -18,6 +18,8 @@ from model.box_ops import cxcywh_to_xyxy
 
 def upsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """(Q, h, w) mask logits -> (Q, H, W) bilinear."""
+    if not len(masks):  # interpolate refuses zero channels (an all-stuff instance vocabulary)
+        return masks.new_zeros((0, *size), dtype=torch.float32)
     return F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
@@ -27,20 +29,31 @@ def to_pixels_xyxy(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return cxcywh_to_xyxy(boxes.float()) * boxes.new_tensor([w, h, w, h]).float()
 
 
-def _top_pairs(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k (query, text) pairs by sigmoid score -> scores, query index, text index."""
-    scores = logits.float().sigmoid().flatten()
-    scores, flat = scores.topk(min(top_k, scores.numel()))
-    return scores, flat // logits.shape[1], flat % logits.shape[1]
+def _top_pairs(logits: Tensor, top_k: int,
+               is_thing: list[bool] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k (query, text) pairs by sigmoid score -> scores, query index, text index.
+
+    is_thing (K,): stuff texts are not instances, so their pairs are left out (Mask2Former's
+    instance inference of a panoptic model keeps thing classes only); None keeps every text.
+    """
+    scores = logits.float().sigmoid()
+    if is_thing is not None and not all(is_thing):
+        scores = scores[:, torch.tensor(is_thing, dtype=torch.bool, device=scores.device)]
+        texts = torch.nonzero(torch.tensor(is_thing)).flatten().to(scores.device)
+    else:
+        texts = torch.arange(scores.shape[1], device=scores.device)
+    flat_scores, flat = scores.flatten().topk(min(top_k, scores.numel()))
+    return flat_scores, flat // scores.shape[1], texts[flat % scores.shape[1]]
 
 
 def instance_inference(logits: Tensor, masks: Tensor, boxes: Tensor, size: tuple[int, int],
-                       top_k: int = 100) -> dict[str, Tensor]:
-    """Top-k over queries x texts; score = class prob x mean mask prob inside the binary mask.
+                       top_k: int = 100, is_thing: list[bool] | None = None) -> dict[str, Tensor]:
+    """Top-k over queries x thing texts; score = class prob x mean mask prob inside the binary
+    mask (is_thing per text; None: every text is a thing).
 
     -> scores (N,), labels (N,) text index, masks (N, H, W) bool, boxes (N, 4) xyxy pixels.
     """
-    cls_scores, query, label = _top_pairs(logits, top_k)
+    cls_scores, query, label = _top_pairs(logits, top_k, is_thing)
     mask_logits = upsample(masks[query], size)
     binary = mask_logits > 0
     prob = mask_logits.sigmoid()
@@ -50,9 +63,9 @@ def instance_inference(logits: Tensor, masks: Tensor, boxes: Tensor, size: tuple
 
 
 def detection_inference(logits: Tensor, masks: Tensor, boxes: Tensor, size: tuple[int, int],
-                        top_k: int = 100) -> dict[str, Tensor]:
-    """Top-k over queries x texts by class prob -> scores, labels, boxes (N, 4) xyxy pixels."""
-    scores, query, label = _top_pairs(logits, top_k)
+                        top_k: int = 100, is_thing: list[bool] | None = None) -> dict[str, Tensor]:
+    """Top-k over queries x thing texts by class prob -> scores, labels, boxes (N, 4) xyxy px."""
+    scores, query, label = _top_pairs(logits, top_k, is_thing)
     return {"scores": scores, "labels": label, "boxes": to_pixels_xyxy(boxes[query], size)}
 
 

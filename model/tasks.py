@@ -20,8 +20,9 @@ returns numpy predictions on the original (height, width) image:
     referring:  scores (K,), boxes (K, 4) xywh px, masks (K, h, w) bool, one per text
     foreground: prob (h, w) float32 in [0, 1], score
 
-Options a task does not take are ignored (instance/detection: top_k; panoptic: is_thing per text,
-None = all things).
+Options a task does not take are ignored (instance/detection: top_k, is_thing; panoptic: is_thing).
+is_thing is per text, None = all things: instance and detection leave stuff texts out, panoptic
+merges the segments of a stuff text.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ def _foreground(pred: dict, geo: T.Geometry) -> dict:
 
 TASKS: dict[str, Task] = {
     "instance": Task("instance", True, partial(G.plan_things, with_masks=True),
-                     P.instance_inference, _things, M.InstanceMetric, ("top_k",), crowd_gt=True),
+                     P.instance_inference, _things, M.InstanceMetric, ("top_k", "is_thing"),
+                     crowd_gt=True),
     "detection": Task("detection", True, partial(G.plan_things, with_masks=False),
-                      P.detection_inference, _things, M.DetectionMetric, ("top_k",),
+                      P.detection_inference, _things, M.DetectionMetric, ("top_k", "is_thing"),
                       crowd_gt=True, gt_masks=False),
     "semantic": Task("semantic", True, partial(G.plan_regions, per_thing=False),
                      P.semantic_inference, _semantic, M.SemanticMetric),

@@ -65,8 +65,8 @@ def reference_metrics(task: str, pairs: list[tuple[dict, dict]], vocab: list[str
         geo, gt = sample["geometry"], sample["gt"]
         args = (out["pred_logits"], out["pred_masks"], out["pred_boxes"], (geo.size, geo.size))
         if task in ("instance", "detection"):
-            pred = P.instance_inference(*args) if task == "instance" \
-                else P.detection_inference(*args)
+            infer = P.instance_inference if task == "instance" else P.detection_inference
+            pred = infer(*args, is_thing=[is_thing[v] for v in vocab])
             boxes = boxes_to_original(pred["boxes"], geo)
             masks = T.unpad_resize(pred["masks"].numpy(), geo) if task == "instance" else None
             preds += [{"image": len(gts), "label": int(pred["labels"][i]),

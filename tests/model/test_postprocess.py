@@ -44,6 +44,20 @@ def test_instance_scores_are_class_times_mask_score():
     assert out["boxes"][0].tolist() == [1.0, 1.0, 3.0, 3.0]
 
 
+def test_instance_and_detection_leave_stuff_texts_out():
+    # text 1 is stuff: its pairs, the strongest, are not instances; labels keep the text index
+    logits = torch.tensor([[2.0, 5.0, -1.0], [0.5, 6.0, 3.0]])
+    masks, boxes = torch.ones(2, 4, 4), torch.tensor([[0.5, 0.5, 0.5, 0.5]] * 2)
+    for infer in (instance_inference, detection_inference):
+        out = infer(logits, masks, boxes, (4, 4), top_k=3, is_thing=[True, False, True])
+        assert out["labels"].tolist() == [2, 0, 0]
+        assert [round(x, 4) for x in (out["scores"] / (out["scores"][0] / _sig(3.0))).tolist()] \
+            == [round(_sig(v), 4) for v in (3.0, 2.0, 0.5)]
+        everything = infer(logits, masks, boxes, (4, 4), top_k=3)
+        assert everything["labels"].tolist() == [1, 1, 2]
+        assert infer(logits, masks, boxes, (4, 4), is_thing=[False] * 3)["labels"].numel() == 0
+
+
 def test_detection_boxes_in_pixels():
     logits = torch.tensor([[1.0], [4.0]])
     boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.25, 0.5, 0.5, 1.0]])
