@@ -314,12 +314,44 @@ def merge_result(path: Path, bench: str, section: str, key: str, value: dict) ->
     return data
 
 
+def rediagnose(args, tag: str) -> dict:
+    """The recorded arm `tag` measured again from its run's checkpoint with today's inference and
+    diagnosis (the training figures stay); the older figures are kept under `previous`."""
+    import torch
+
+    from model.checkpoint import load_checkpoint_file
+    from model.inference import load_model
+
+    path = args.results / "ablation_levers.json"
+    arms = json.loads(path.read_text())["arms"] if path.is_file() else {}
+    check(tag in arms, f"--rediagnose {tag}: no such arm in {path}")
+    result = arms[tag]
+    run = Path(result["run_dir"])
+    ckpt = next((p for p in (run / "ckpt.pt", run / "last.pt") if p.is_file()), None)
+    check(ckpt is not None, f"--rediagnose {tag}: {run} holds no checkpoint (removed?)")
+    from model.mixture import load_mixture
+
+    mix = load_mixture(run / "mix.yaml")  # the run's own training and held-out shards
+    model = load_model(load_checkpoint_file(ckpt))
+    model.eval()
+    size = result["config"]["image_size"]
+    with torch.no_grad():
+        held = diagnose(model, Path(mix.exclude[0]), size)
+        fit = diagnose(model, Path(mix.datasets[0].path), size, args.n_val)
+    previous = {k: result[k] for k in ("held_out", "train_set")}
+    return dict(result, held_out=held, train_set=fit, previous=previous,
+                rediagnosed=machine())
+
+
 def lever_main(args) -> int:
-    result = run_arm(args, args.arm)
-    result.update(scenes=args.scenes, scene_size=args.scene_size, overrides=args.set,
-                  text_encoder=args.text_encoder)
+    if args.rediagnose:
+        result, key = rediagnose(args, args.rediagnose), args.rediagnose
+    else:
+        result, key = run_arm(args, args.arm), args.tag or args.arm
+        result.update(scenes=args.scenes, scene_size=args.scene_size, overrides=args.set,
+                      text_encoder=args.text_encoder, machine=machine())
     data = merge_result(args.results / "ablation_levers.json", "ablation_levers", "arms",
-                        args.tag or args.arm, dict(result, machine=machine()))
+                        key, result)
     rows = []
     for name, r in data["arms"].items():
         h, t = r["held_out"], r["train_set"]
@@ -340,11 +372,13 @@ def claim_main(args) -> int:
     bench = Bench(args, args.arm or "claims")
     bench.run_dir = _claims.run_dir(args.data_dir, args.claim)
     result = _claims.run_claim(bench, args.claim, seeds)
-    result.update(recipe=bench.cfg, scenes=args.scenes, scene_size=args.scene_size,
-                  text_encoder=args.text_encoder, n_train=args.n_train, n_val=args.n_val,
+    result.update(claim=args.claim, recipe=bench.cfg, scenes=args.scenes,
+                  scene_size=args.scene_size, text_encoder=args.text_encoder,
+                  n_train=args.n_train, n_val=args.n_val,
                   run_dir=str(bench.run_dir))
     name = "ablation_claims" + (".quick" if args.quick else "")
-    merge_result(args.results / f"{name}.json", "ablation_claims", "claims", args.claim,
+    merge_result(args.results / f"{name}.json", "ablation_claims", "claims",
+                 args.tag or args.claim,
                  dict(result, machine=machine()))
     for arm, runs in result["runs"].items():
         for r in runs:
@@ -369,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run one of the paper's claims (all its arms, every seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field of the arm's recipe (repeatable)")
-    p.add_argument("--tag", default=None, help="the arm's name in the results (default --arm)")
+    p.add_argument("--tag", default=None,
+                   help="the arm's (or claim's) name in the results (default --arm / --claim)")
+    p.add_argument("--rediagnose", default=None, metavar="TAG",
+                   help="measure a recorded arm again from its checkpoint (today's diagnosis)")
     p.add_argument("--scenes", default="plain", choices=("photo", "plain"),
                    help="scene style (pipelines/scenes.py)")
     p.add_argument("--scene-size", default=(160, 160),
@@ -381,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds = "0,1"
     if args.quick and not args.arm and not args.claim:
         args.claim = "table2"  # `make bench`: the smoke test of the claims path
-    if not args.arm and not args.claim:
-        p.error("give --arm NAME (one recipe, one seed) or --claim NAME (several seeds)")
+    if not args.arm and not args.claim and not args.rediagnose:
+        p.error("give --arm NAME (one recipe, one seed), --claim NAME (several seeds) or "
+                "--rediagnose TAG")
     import torch
 
     torch.set_num_threads(args.threads)
-    return claim_main(args) if args.claim else lever_main(args)
+    return claim_main(args) if args.claim else lever_main(args)  # --arm / --rediagnose
 
 
 if __name__ == "__main__":

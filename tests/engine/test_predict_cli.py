@@ -365,3 +365,27 @@ def test_panoptic_takes_isthing_from_the_checkpoint_unless_stuff_is_given(run, i
         categories = json.loads((out / "panoptic.json").read_text())["categories"]
         assert [c["name"] for c in categories] == names
         assert {c["name"] for c in categories if not c["isthing"]} == stuff
+
+
+def test_instance_leaves_the_checkpoints_stuff_classes_out(run, images, tmp_path):
+    """A stuff class of the stored vocabulary is not an instance: no result carries it, and the
+    results are those of --classes given the other names' texts scored as before."""
+    from model.checkpoint import save_checkpoint
+
+    state = torch.load(run["checkpoint"], weights_only=True)
+    names = state["config"]["data"]["vocabulary"]["names"]
+    state["config"]["data"]["vocabulary"]["isthing"] = [n != "star" for n in names]
+    ckpt = tmp_path / "stuffy.pt"
+    save_checkpoint(ckpt, state)
+    argv = ["predict", "--checkpoint", str(ckpt), "--images", str(images), "--device", "cpu",
+            "--task", "instance", "--top-k", "500"]
+    assert main([*argv, "--out", str(tmp_path / "stuffy")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "all"), "--classes", ",".join(names)]) == 0
+    star = names.index("star") + 1  # category ids are 1..K in vocabulary order
+    stuffy = json.loads((tmp_path / "stuffy" / "results.json").read_text())
+    every = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert stuffy and all(r["category_id"] != star for r in stuffy)
+    assert any(r["category_id"] == star for r in every)
+    # the sigmoid scores do not depend on the other texts: the rest is unchanged
+    assert sorted(r["score"] for r in stuffy) == pytest.approx(
+        sorted(r["score"] for r in every if r["category_id"] != star), rel=1e-5)
