@@ -3,7 +3,10 @@
 For every prediction stage (final layer, each earlier stage = deep supervision, and the encoder
 proposals) the matcher assigns queries to targets, then:
   loss_class: sigmoid focal loss over all (query, text) pairs of the sample's own texts, a matched
-              query's positive being its target's text; sum / num_boxes.
+              query's positive being its target's text; sum / num_boxes. When the outputs carry
+              pred_noobj (class_loss "softmax", model/build.py): Mask2Former's cross-entropy over
+              [the sample's texts, no-object], target the matched text or no-object, no-object
+              weighted eos_coef (0.1); the weighted mean over every query of the batch.
   loss_mask, loss_dice: sigmoid BCE (mean over points) and dice on importance-sampled points of
               the matched masks; sum / num_masks. Box-only samples (has_masks False) are left out.
   loss_bbox, loss_giou: L1 and 1 - GIoU of the matched boxes (cxcywh in [0, 1]); sum / num_boxes.
@@ -104,17 +107,42 @@ def class_diagnostics(outputs: dict, targets: list[dict],
     return out
 
 
+def softmax_class_loss(logits: Tensor, noobj: Tensor, targets: list[dict],
+                       indices: list[tuple[Tensor, Tensor]], eos_coef: float) -> Tensor:
+    """Mask2Former's class loss: cross-entropy of every query over [its sample's texts,
+    no-object], the matched text the target of a matched query and no-object the target of the
+    rest, weights 1 per text and eos_coef for no-object; sum of weighted losses / sum of the
+    targets' weights (F.cross_entropy's weighted mean, over the whole batch).
+
+    logits (B, Q, K_max) with padded slots (sliced away per sample), noobj (B, Q)."""
+    total = logits.new_zeros(())
+    weight_sum = logits.new_zeros(())
+    for b, ((src, tgt), target) in enumerate(zip(indices, targets, strict=True)):
+        n_texts = len(target["texts"])
+        scores = torch.cat([logits[b, :, :n_texts], noobj[b, :, None]], -1)  # (Q, n_texts + 1)
+        classes = torch.full((scores.shape[0],), n_texts, dtype=torch.long, device=scores.device)
+        classes[src.to(scores.device)] = target["labels"][tgt].to(scores.device)
+        weight = scores.new_ones(n_texts + 1)
+        weight[n_texts] = eos_coef
+        total = total + F.cross_entropy(scores, classes, weight, reduction="sum")
+        weight_sum = weight_sum + weight[classes].sum()
+    return total / weight_sum.clamp(min=1e-12)
+
+
 class SetCriterion(nn.Module):
     """forward(outputs, targets) -> (losses dict of scalar tensors incl. "loss", match counts)."""
 
     def __init__(self, matcher: HungarianMatcher | None = None,
                  weights: dict[str, float] | None = None, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 alpha: float = 0.25, gamma: float = 2.0, full_mask: bool = False):
+                 alpha: float = 0.25, gamma: float = 2.0, full_mask: bool = False,
+                 eos_coef: float = 0.1):
         """full_mask: the mask losses on every pixel of the stride-4 prediction (targets read at
-        the pixel centres) instead of num_points importance-sampled points."""
+        the pixel centres) instead of num_points importance-sampled points. eos_coef: the
+        no-object class's weight in the softmax class loss (Mask2Former's 0.1: most queries are
+        unmatched, and at weight 1 they would drown the matched ones)."""
         super().__init__()
-        self.full_mask = full_mask
+        self.full_mask, self.eos_coef = full_mask, eos_coef
         self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
         self.weights = dict(DEFAULT_WEIGHTS, **(weights or {}))
         unknown = set(self.weights) - set(DEFAULT_WEIGHTS)
@@ -133,15 +161,17 @@ class SetCriterion(nn.Module):
         # float32 losses even when the forward ran under bf16 autocast
         logits, boxes, masks = (outputs[k].float() for k in ("pred_logits", "pred_boxes",
                                                               "pred_masks"))
+        noobj = outputs["pred_noobj"].float() if "pred_noobj" in outputs else None
         zero = (logits[torch.isfinite(logits)].sum() + boxes.sum() + masks.sum()) * 0.0
         loss = {k: zero.clone() for k in DEFAULT_WEIGHTS}
         for b, ((src, tgt), target) in enumerate(zip(indices, targets, strict=True)):
-            n_texts = len(target["texts"])
-            sample_logits = logits[b, :, :n_texts]
-            onehot = torch.zeros_like(sample_logits)
-            onehot[src.to(onehot.device), target["labels"][tgt].to(onehot.device)] = 1.0
-            loss["loss_class"] = loss["loss_class"] + sigmoid_focal_loss(
-                sample_logits, onehot, self.alpha, self.gamma, reduction="sum")
+            if noobj is None:
+                n_texts = len(target["texts"])
+                sample_logits = logits[b, :, :n_texts]
+                onehot = torch.zeros_like(sample_logits)
+                onehot[src.to(onehot.device), target["labels"][tgt].to(onehot.device)] = 1.0
+                loss["loss_class"] = loss["loss_class"] + sigmoid_focal_loss(
+                    sample_logits, onehot, self.alpha, self.gamma, reduction="sum")
             if len(src) == 0:
                 continue
             src_boxes, tgt_boxes = boxes[b, src], target["boxes"][tgt].to(boxes)
@@ -165,6 +195,8 @@ class SetCriterion(nn.Module):
             loss[k] = loss[k] / num_boxes
         for k in ("loss_mask", "loss_dice"):
             loss[k] = loss[k] / num_masks
+        if noobj is not None:  # a weighted mean already: no num_boxes
+            loss["loss_class"] = softmax_class_loss(logits, noobj, targets, indices, self.eos_coef)
         return loss
 
     def forward(self, outputs: dict, targets: list[dict]) -> tuple[dict[str, Tensor],

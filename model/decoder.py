@@ -80,6 +80,7 @@ class MixedQueryDecoder(nn.Module):
     text_mask, mask_features) -> list of 1 + num_layers predictions, each a dict with
     pred_logits (B, Q, K), pred_masks (B, Q, H/4, W/4), pred_boxes (B, Q, 4) cxcywh in [0, 1].
     The first entry is predicted from the initial queries, the last is the model's output.
+    With a no-object head (class_loss "softmax") each dict also holds pred_noobj (B, Q).
     With `dn` (model/denoising.py DNQueries) each entry also holds `dn_outputs`: the same three
     predictions for the DN queries."""
 
@@ -116,11 +117,8 @@ class MixedQueryDecoder(nn.Module):
     @staticmethod
     def _predict(q: Tensor, boxes: Tensor, n_match: int, heads: PredictionHeads, texts: Tensor,
                  text_mask: Tensor, mask_features: Tensor) -> dict:
-        logits, masks = heads(q, texts, text_mask, mask_features)
-        out = {"pred_logits": logits[:, :n_match], "pred_masks": masks[:, :n_match],
-               "pred_boxes": boxes[:, :n_match]}
+        pred = dict(heads.predict(q, texts, text_mask, mask_features), pred_boxes=boxes)
+        out = {k: v[:, :n_match] for k, v in pred.items()}
         if q.shape[1] > n_match:
-            out["dn_outputs"] = {"pred_logits": logits[:, n_match:],
-                                 "pred_masks": masks[:, n_match:],
-                                 "pred_boxes": boxes[:, n_match:]}
+            out["dn_outputs"] = {k: v[:, n_match:] for k, v in pred.items()}
         return out

@@ -4,6 +4,10 @@
   logits = exp(s) * cos(W q, T) + b, with a learnable logit scale s (CLIP-style, init 1/0.07) and a
   learnable bias b (init to the focal-loss prior 0.01, so that untrained queries start as "no
   object" for the sigmoid focal loss; the bias is our addition, OpenSeeD has only the scale).
+  With class_loss "softmax" (model/build.py) the head also gives a no-object logit per query
+  (Mask2Former's extra class), and class probabilities are the softmax over [texts, no-object]
+  (`softmax_probs`); `sigmoid_logits` turns them back into logits whose sigmoid is that
+  probability, so the post-processors read either model the same way.
 - mask: MLP(q) dotted with the stride-4 mask features.
 - box: MLP(q) predicts a delta in logit space that refines the query's reference box.
 """
@@ -34,11 +38,50 @@ class MLP(nn.Module):
         return x
 
 
+def _with_noobj(logits: Tensor, noobj: Tensor) -> Tensor:
+    """(..., K), (...) -> (..., K + 1), in float32 at least (bf16 autocast outputs)."""
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, noobj.dtype), torch.float32)
+    return torch.cat([logits.to(dtype), noobj.to(dtype)[..., None]], -1)
+
+
+def softmax_probs(logits: Tensor, noobj: Tensor) -> Tensor:
+    """(..., K) text logits (padded slots -inf), (...) no-object logits -> (..., K) probabilities
+    of the texts under the softmax over [texts, no-object] (the no-object column dropped)."""
+    return _with_noobj(logits, noobj).softmax(-1)[..., :-1]
+
+
+def sigmoid_logits(logits: Tensor, noobj: Tensor, eps: float = 1e-6) -> Tensor:
+    """(..., K) logits whose sigmoid is softmax_probs(logits, noobj): log p - log(1 - p).
+
+    log p comes from log_softmax, exact for tiny p (their ranking survives); 1 - p is clamped at
+    eps because it rounds to 0 in float32 for a confident query. Padded slots stay -inf."""
+    log_p = _with_noobj(logits, noobj).log_softmax(-1)[..., :-1]
+    return log_p - torch.log1p(-log_p.exp().clamp(max=1 - eps))
+
+
+def inference_logits(outputs: dict) -> Tensor:
+    """The class logits every post-processor reads as sigmoid probabilities: pred_logits, or with
+    a no-object head (pred_noobj) sigmoid_logits of the softmax, so that model/postprocess.py
+    needs no second code path."""
+    if "pred_noobj" not in outputs:
+        return outputs["pred_logits"]
+    return sigmoid_logits(outputs["pred_logits"], outputs["pred_noobj"])
+
+
 class ClassHead(nn.Module):
     """forward(queries (B, Q, d), texts (B, K, d), text_mask (B, K) bool valid) -> (B, Q, K).
 
     Padded text slots (text_mask False) get -inf: they never win a max and must be sliced away
     before any loss.
+
+    no_object (class_loss "softmax"): a learned d-vector e treated as one more text, so `scores`
+    also returns the no-object logit exp(s) * cos(W q, e) (B, Q). A text-like embedding rather
+    than a free Linear on the query keeps it on the texts' temperature scale whatever the query's
+    norm, and makes "no object" one more direction the projected query can point to. It has no
+    bias b: under the softmax a b shared by all K + 1 logits would cancel; this way b is the
+    learned offset between every text and no-object, and its focal-prior init makes untrained
+    queries start as mostly no-object, as with the sigmoid loss. e is not centred with the
+    texts: it is not one of the sample's prompts.
 
     center_texts: subtract from each text embedding the mean of its sample's texts (samples with
     >= 2 texts) before the cosine. Class prompts share their template ("a photo of a {}."), and
@@ -48,18 +91,26 @@ class ClassHead(nn.Module):
     """
 
     def __init__(self, d: int, init_scale: float = 1 / 0.07, prior_prob: float = 0.01,
-                 center_texts: bool = False):
+                 center_texts: bool = False, no_object: bool = False):
         super().__init__()
         self.center_texts = center_texts
         self.proj = nn.Linear(d, d)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
+        # about unit norm at init: normalised anyway, and a tiny vector would turn each Adam step
+        # into a large rotation
+        self.no_object = nn.Parameter(torch.randn(d) / math.sqrt(d)) if no_object else None
 
     def scale(self) -> Tensor:
         """The temperature exp(s), capped at 100 as CLIP does."""
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
     def forward(self, queries: Tensor, texts: Tensor, text_mask: Tensor) -> Tensor:
+        return self.scores(queries, texts, text_mask)[0]
+
+    def scores(self, queries: Tensor, texts: Tensor,
+               text_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """-> text logits (B, Q, K), no-object logits (B, Q) or None without no_object."""
         q = F.normalize(self.proj(queries), dim=-1)
         if self.center_texts:
             valid = text_mask[..., None].to(texts.dtype)
@@ -68,7 +119,11 @@ class ClassHead(nn.Module):
             texts = torch.where(count >= 2, texts - mean, texts)
         t = F.normalize(texts, dim=-1)
         logits = self.scale() * torch.einsum("bqd,bkd->bqk", q, t) + self.bias
-        return logits.masked_fill(~text_mask[:, None, :], float("-inf"))
+        logits = logits.masked_fill(~text_mask[:, None, :], float("-inf"))
+        if self.no_object is None:
+            return logits, None
+        noobj = self.scale() * (q @ F.normalize(self.no_object, dim=0).to(q.dtype))
+        return logits, noobj
 
 
 class MaskHead(nn.Module):
@@ -119,10 +174,10 @@ class PredictionHeads(nn.Module):
     """
 
     def __init__(self, d: int, mask_dim: int, center_texts: bool = False,
-                 pool_masks: bool = False):
+                 pool_masks: bool = False, no_object: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(d)
-        self.cls = ClassHead(d, center_texts=center_texts)
+        self.cls = ClassHead(d, center_texts=center_texts, no_object=no_object)
         self.mask = MaskHead(d, mask_dim)
         self.pool = nn.Linear(mask_dim, d) if pool_masks else None
         if self.pool is not None:
@@ -132,8 +187,19 @@ class PredictionHeads(nn.Module):
     def forward(self, queries: Tensor, texts: Tensor, text_mask: Tensor,
                 mask_features: Tensor) -> tuple[Tensor, Tensor]:
         """-> class logits (B, Q, K), mask logits (B, Q, H/4, W/4)."""
+        out = self.predict(queries, texts, text_mask, mask_features)
+        return out["pred_logits"], out["pred_masks"]
+
+    def predict(self, queries: Tensor, texts: Tensor, text_mask: Tensor,
+                mask_features: Tensor) -> dict[str, Tensor]:
+        """-> {"pred_logits" (B, Q, K), "pred_masks" (B, Q, H/4, W/4)}, plus "pred_noobj" (B, Q)
+        with a no-object head."""
         q = self.norm(queries)
         masks = self.mask(q, mask_features)
         if self.pool is not None:
             q = q + self.pool(mask_pool(masks, mask_features))
-        return self.cls(q, texts, text_mask), masks
+        logits, noobj = self.cls.scores(q, texts, text_mask)
+        out = {"pred_logits": logits, "pred_masks": masks}
+        if noobj is not None:
+            out["pred_noobj"] = noobj
+        return out

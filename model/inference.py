@@ -37,6 +37,7 @@ from model.checkpoint import load_checkpoint_file
 from model.criterion import count_matches_by_type
 from model.eval_data import iter_eval_samples
 from model.frames import boxes_to_original, segments_to_original
+from model.heads import inference_logits
 from model.matcher import HungarianMatcher
 from model.mixture import MASK_KINDS
 from model.mqformer import MQFormer
@@ -170,6 +171,9 @@ def run_model(model: MQFormer, samples: Iterable[dict], device: torch.device | s
 
     output: pred_logits (Q, K) against the sample's own texts, pred_masks (Q, h, w) at stride 4,
     pred_boxes (Q, 4) cxcywh in [0, 1] of the padded input (float32, on CPU), and query_types (Q,).
+    A softmax model's (class_loss "softmax") pred_logits are converted here, once for eval,
+    predict and the mqformer masker: sigmoid(pred_logits) is each text's softmax probability over
+    [texts, no-object] (model/heads.py inference_logits), and no pred_noobj is handed on.
     """
     device = torch.device(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -178,9 +182,10 @@ def run_model(model: MQFormer, samples: Iterable[dict], device: torch.device | s
         images = torch.stack([s["image"] for s in batch]).to(device)
         with autocast:
             out = model(images, [s["target"]["texts"] for s in batch])
+        logits = inference_logits(out)
         for b, sample in enumerate(batch):
             k = len(sample["target"]["texts"])
-            yield sample, {"pred_logits": out["pred_logits"][b, :, :k].float().cpu(),
+            yield sample, {"pred_logits": logits[b, :, :k].float().cpu(),
                            "pred_masks": out["pred_masks"][b].float().cpu(),
                            "pred_boxes": out["pred_boxes"][b].float().cpu(),
                            "query_types": out["query_types"].cpu()}

@@ -4,6 +4,8 @@ This is MQ-Former's "dynamic selection": no thing/stuff split (unlike OpenSeeD's
 assignment alone decides whether a learnable or a conditional query predicts an object.
 Cost (Mask DINO): 4 * focal class + 5 * sigmoid-BCE + 5 * dice (on random points shared by all
 predicted and target masks of the image; skipped for box-only samples) + 5 * L1 + 2 * GIoU.
+When the outputs carry pred_noobj (class_loss "softmax"), the class cost is Mask2Former's: minus
+the softmax probability of the target's text over [the sample's texts, no-object].
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from model.box_ops import giou_cxcywh
+from model.heads import softmax_probs
 from model.points import point_sample
 
 
@@ -23,6 +26,12 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float)
     neg = (1 - alpha) * prob**gamma * -F.logsigmoid(-logits)
     pos = alpha * (1 - prob) ** gamma * -F.logsigmoid(logits)
     return pos[:, labels] - neg[:, labels]
+
+
+def softmax_class_cost(logits: Tensor, noobj: Tensor, labels: Tensor) -> Tensor:
+    """(Q, K) logits, (Q,) no-object logits, (M,) labels -> (Q, M): -p(target's text), p the
+    softmax over [texts, no-object]."""
+    return -softmax_probs(logits, noobj)[:, labels]
 
 
 def pairwise_bce(pred: Tensor, target: Tensor) -> Tensor:
@@ -42,7 +51,8 @@ def pairwise_dice(pred: Tensor, target: Tensor) -> Tensor:
 class HungarianMatcher(nn.Module):
     """forward(outputs, targets) -> list of B (query_index, target_index) LongTensor pairs.
 
-    outputs: pred_logits (B, Q, K_max), pred_boxes (B, Q, 4), pred_masks (B, Q, h, w).
+    outputs: pred_logits (B, Q, K_max), pred_boxes (B, Q, 4), pred_masks (B, Q, h, w), and
+    pred_noobj (B, Q) from a no-object head (softmax class cost).
     targets: the batch interface of model/mqformer.py (labels, boxes, masks, has_masks, texts).
     """
 
@@ -56,11 +66,16 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def cost_matrix(self, logits: Tensor, boxes: Tensor, masks: Tensor | None, target: dict,
-                    points: Tensor | None = None) -> Tensor:
+                    points: Tensor | None = None, noobj: Tensor | None = None) -> Tensor:
         """Cost (Q, M) of one image. logits (Q, K_i), boxes (Q, 4), masks (Q, h, w) or None (no
-        mask cost). points (P, 2) in [0, 1] for the mask cost; random uniform when None."""
+        mask cost). points (P, 2) in [0, 1] for the mask cost; random uniform when None.
+        noobj (Q,) no-object logits: the softmax class cost instead of the focal one."""
         labels = target["labels"]
-        cost = self.cost_class * focal_class_cost(logits.float(), labels, self.alpha, self.gamma)
+        if noobj is None:
+            class_cost = focal_class_cost(logits.float(), labels, self.alpha, self.gamma)
+        else:
+            class_cost = softmax_class_cost(logits, noobj, labels)
+        cost = self.cost_class * class_cost
         tgt_boxes = target["boxes"].to(boxes)
         cost = cost + self.cost_bbox * torch.cdist(boxes.float(), tgt_boxes.float(), p=1)
         cost = cost - self.cost_giou * giou_cxcywh(boxes.float(), tgt_boxes.float())
@@ -84,8 +99,9 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             masks = outputs["pred_masks"][b] if target["has_masks"] else None
+            noobj = outputs["pred_noobj"][b] if "pred_noobj" in outputs else None
             cost = self.cost_matrix(outputs["pred_logits"][b, :, :n_texts],
-                                    outputs["pred_boxes"][b], masks, target)
+                                    outputs["pred_boxes"][b], masks, target, noobj=noobj)
             if not torch.isfinite(cost).all():
                 raise ValueError(f"non-finite matching cost for sample {b} (task "
                                  f"{target.get('task')}): check predictions and boxes")

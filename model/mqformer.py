@@ -16,6 +16,10 @@ Batch interface (shared with model/data.py and model/criterion.py):
 forward(images, texts) -> dict:
   "pred_logits": (B, Q, K_max) class logits of each query against each of the sample's own texts;
                  texts are padded to K_max = max_i K_i and padded slots hold -inf.
+  "pred_noobj":  (B, Q) no-object logits, only with class_loss "softmax" (model/build.py): then the
+                 class probabilities are the softmax over [texts, no-object] (model/heads.py
+                 softmax_probs), not sigmoid(pred_logits); inference.run_model hands on logits
+                 whose sigmoid is that probability. Every stage below carries it too.
   "text_mask":   (B, K_max) bool, True for real texts.
   "pred_masks":  (B, Q, H/4, W/4) mask logits.
   "pred_boxes":  (B, Q, 4) cxcywh in [0, 1] of the padded image.
@@ -67,13 +71,15 @@ class MQFormer(nn.Module):
                  text_encoder: CachedTextEncoder, d: int, mask_dim: int, queries: str = "mixed",
                  num_learnable: int = 100, num_conditional: int = 300,
                  denoising: DenoisingQueries | None = None, center_texts: bool = False,
-                 pool_masks: bool = False):
+                 pool_masks: bool = False, class_loss: str = "sigmoid"):
         super().__init__()
         self.denoising = denoising
+        self.class_loss = class_loss
         self.backbone, self.pixel_encoder, self.decoder = backbone, pixel_encoder, decoder
         self.text_encoder = text_encoder  # frozen, plain object: not in state_dict or optimizer
         self.text_proj = nn.Linear(text_encoder.dim, d)
-        self.heads = PredictionHeads(d, mask_dim, center_texts, pool_masks)
+        self.heads = PredictionHeads(d, mask_dim, center_texts, pool_masks,
+                                     no_object=class_loss == "softmax")
         self.queries_mode = queries
         self.num_learnable, self.num_conditional = query_counts(queries, num_learnable,
                                                                 num_conditional)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.box_ops import cxcywh_to_xyxy
+from model.heads import inference_logits
 
 
 def upsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -146,9 +147,11 @@ def foreground_inference(logits: Tensor, masks: Tensor, boxes: Tensor,
 def postprocess(outputs: dict, tasks: list[str], size: tuple[int, int],
                 options: dict[str, dict] | None = None) -> list[dict]:
     """Run each sample's task inference. outputs: MQFormer.forward's dict; tasks: one per sample;
-    options: extra keyword arguments per task (e.g. {"panoptic": {"is_thing": [...]}})."""
+    options: extra keyword arguments per task (e.g. {"panoptic": {"is_thing": [...]}}).
+    A softmax model's logits are converted first (model/heads.py inference_logits)."""
     from model.tasks import TASKS  # the task records hold these functions: import at call time
 
+    logits = inference_logits(outputs)
     results = []
     for b, task in enumerate(tasks):
         if task not in TASKS:
@@ -156,6 +159,6 @@ def postprocess(outputs: dict, tasks: list[str], size: tuple[int, int],
                              f"{', '.join(TASKS)}")
         n_texts = int(outputs["text_mask"][b].sum())
         results.append(TASKS[task].infer(
-            outputs["pred_logits"][b, :, :n_texts], outputs["pred_masks"][b],
+            logits[b, :, :n_texts], outputs["pred_masks"][b],
             outputs["pred_boxes"][b], size, **(options or {}).get(task, {})))
     return results

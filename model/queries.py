@@ -3,7 +3,8 @@
 - Conditional queries (two-stage, as in DINO / Mask DINO / OpenSeeD): every encoder token gets an
   anchor box; a Linear+LayerNorm turns memory into proposal features, which are scored against the
   sample's texts with the shared class head. The top-K tokens by best text score become the queries'
-  content and reference boxes (anchor refined by a box MLP), both detached. The undetached
+  content and reference boxes (anchor refined by a box MLP), both detached. With a no-object
+  logit (class_loss "softmax") the score is the best text's softmax probability. The undetached
   predictions are returned as `interm_outputs` so the encoder learns to propose (its own loss).
 - Learnable queries: `nn.Embedding` content and reference boxes, the same for every image.
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from model.box_ops import inverse_sigmoid
-from model.heads import MLP, PredictionHeads
+from model.heads import MLP, PredictionHeads, softmax_probs
 
 QUERY_TYPES = ("conditional", "learnable")  # index used in MQFormer's `query_types`
 
@@ -42,12 +43,23 @@ def encoder_proposals(memory: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, T
     return inverse_sigmoid(boxes), valid
 
 
+def proposal_scores(logits: Tensor, noobj: Tensor | None) -> Tensor:
+    """(B, N, K) text logits, (B, N) no-object logits or None -> (B, N) the score tokens are
+    ranked by: the best text's logit, or with a no-object logit the best text's softmax
+    probability (the score inference reads, model/heads.py sigmoid_logits: a token whose best
+    text logit is high but whose no-object logit is higher is not a proposal)."""
+    if noobj is None:
+        return logits.max(-1).values
+    return softmax_probs(logits, noobj).max(-1).values
+
+
 class ConditionalQueries(nn.Module):
     """Top-K encoder proposals scored by text similarity.
 
     forward(memory (B, N, d), spatial_shapes, texts (B, K, d), text_mask (B, K), heads,
     mask_features) -> content (B, K_q, d) detached, boxes (B, K_q, 4) detached, interm dict with
-    pred_logits (B, K_q, K), pred_boxes (B, K_q, 4), pred_masks (B, K_q, H/4, W/4) undetached.
+    pred_logits (B, K_q, K), pred_boxes (B, K_q, 4), pred_masks (B, K_q, H/4, W/4) undetached
+    (and pred_noobj (B, K_q) with a no-object head).
     """
 
     def __init__(self, d: int, num_queries: int):
@@ -63,8 +75,8 @@ class ConditionalQueries(nn.Module):
                              "encoder tokens; use larger images or fewer queries")
         anchors, valid = encoder_proposals(memory, spatial_shapes)
         feats = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
-        logits = heads.cls(heads.norm(feats), texts, text_mask)  # (B, N, K)
-        score = logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        logits, noobj = heads.cls.scores(heads.norm(feats), texts, text_mask)  # (B, N, K)
+        score = proposal_scores(logits, noobj).masked_fill(~valid, float("-inf"))
         index = score.topk(self.num_queries, dim=1).indices  # (B, K_q)
         content = torch.gather(feats, 1, index[..., None].expand(-1, -1, feats.shape[-1]))
         anchor = torch.gather(anchors.expand(memory.shape[0], -1, -1), 1,
@@ -76,6 +88,8 @@ class ConditionalQueries(nn.Module):
             "pred_boxes": boxes,
             "pred_masks": heads.mask(heads.norm(content), mask_features),
         }
+        if noobj is not None:
+            interm["pred_noobj"] = torch.gather(noobj, 1, index)
         return content.detach(), boxes.detach(), interm
 
 
