@@ -68,6 +68,31 @@ def _device(value: str) -> str:
         raise ValueError(f"--device: {exc}") from None
 
 
+def _assignments(flag: str, items: list[str] | None, defaults: dict) -> dict:
+    """Repeated KEY=VALUE flags -> {key: value}: a value is read as JSON (3, 0.5, true, "x") or
+    else taken as text, and must have its default's type (an int passes for a float)."""
+    chosen: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key not in defaults:
+            raise ValueError(f"{flag} {key!r} is not valid; choose one of: "
+                             f"{', '.join(sorted(defaults))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        default = defaults[key]
+        numeric = isinstance(default, float) and isinstance(value, int) \
+            and not isinstance(value, bool)
+        if default is not None and type(value) is not type(default) and not numeric:
+            raise ValueError(f"{flag} {key}={raw!r}: expected a {type(default).__name__} like "
+                             f"{json.dumps(default)}")
+        chosen[key] = float(value) if numeric else value
+    return chosen
+
+
 # ------------------------------------------------------------------------------------------ train
 def train_command(
     mixture: Annotated[Path, typer.Option(help="mix.yaml: shard folders, weights, tasks.")],
@@ -103,9 +128,16 @@ def train_command(
     root: Annotated[Path | None, typer.Option(
         help="Image root overriding the manifest's (data moved); one-dataset mixtures only, "
              "else a `root:` key per mix.yaml entry.")] = None,
+    model_option: Annotated[list[str] | None, typer.Option(
+        help="Override one hyper-parameter of --model, KEY=VALUE (repeatable), e.g. "
+             "class_loss=softmax, dn_groups=3, dec_layers=4.")] = None,
+    loss_weight: Annotated[list[str] | None, typer.Option(
+        help="Override one loss weight, NAME=VALUE (repeatable): loss_class (default 4), "
+             "loss_mask (5), loss_dice (5), loss_bbox (5), loss_giou (2).")] = None,
 ) -> None:
     """Train MQ-Former on a weighted mixture of shard folders (mix.yaml)."""
-    from model.build import MODEL_SIZES
+    from model.build import MODEL_SIZES, model_config
+    from model.criterion import DEFAULT_WEIGHTS
     from model.loader import MixtureLoader
     from model.mixture import load_mixture
     from model.mqformer import QUERY_MODES
@@ -113,6 +145,14 @@ def train_command(
     from model.train import TrainConfig, load_checkpoint, train
 
     _one_of("--model", model, MODEL_SIZES)
+    model_options = _assignments("--model-option", model_option, model_config(model))
+    try:
+        model_config(model, **model_options)  # values a type check cannot judge (class_loss)
+    except ValueError as exc:
+        raise ValueError(f"--model-option: {exc}") from None
+    loss_weights = _assignments("--loss-weight", loss_weight, DEFAULT_WEIGHTS)
+    for name, value in loss_weights.items():
+        _at_least(f"--loss-weight {name}", value, 0)
     _one_of("--queries", queries, QUERY_MODES)
     _one_of("--text-encoder", text_encoder, TEXT_ENCODERS)
     for flag, value, low in (("--steps", steps, 1), ("--batch-size", batch_size, 1),
@@ -149,7 +189,7 @@ def train_command(
         max_iters=steps, grad_accum=grad_accum, lr=lr, warmup_iters=warmup, grad_clip=grad_clip,
         num_points=num_points, log_interval=log_interval, ckpt_interval=ckpt_interval, seed=seed,
         device=device, resume=resume, tensorboard=tensorboard, checkpoint_name=CHECKPOINT_NAME,
-        stop_after=stop_after, data=data)
+        stop_after=stop_after, model_options=model_options, loss_weights=loss_weights, data=data)
     # loaded once, here, so that a bad or mismatched checkpoint fails before the loader is built
     state = load_checkpoint(out / CHECKPOINT_NAME, config) if resume else None
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: each rank draws its own batches

@@ -178,7 +178,8 @@ def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
 # What a resumed run must share with its checkpoint (the flag named in the error): the model it
 # builds, and the data options that decide its batches.
 RESUME_KEYS = {"model_size": "--model", "queries": "--queries", "text_encoder": "--text-encoder",
-               "model_options": "model options"}
+               "model_options": "model options (--model-option)",
+               "loss_weights": "loss weights (--loss-weight)"}
 RESUME_DATA_KEYS = {"image_size": "--image-size", "batch_size": "--batch-size", "seed": "--seed"}
 
 

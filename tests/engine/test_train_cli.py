@@ -196,6 +196,12 @@ def test_bad_mix_yaml_exits_2_naming_the_key(shards, tmp_path, capsys, line, mes
     ("--model", "huge", "--model 'huge' is not valid; choose one of: tiny, r50"),
     ("--text-encoder", "bert", "--text-encoder 'bert' is not valid"),
     ("--stop-after", "7", "--stop-after must be in [1, --steps=6]"),
+    ("--model-option", "dec_layer=4", "--model-option 'dec_layer' is not valid; choose one of:"),
+    ("--model-option", "dec_layers", "--model-option 'dec_layers': expected KEY=VALUE"),
+    ("--model-option", "dec_layers=four", "dec_layers='four': expected a int like 2"),
+    ("--model-option", "class_loss=soft", "--model-option: unknown class_loss 'soft'; choose one"),
+    ("--loss-weight", "loss_klass=16", "--loss-weight 'loss_klass' is not valid; choose one of"),
+    ("--loss-weight", "loss_class=-1", "--loss-weight loss_class must be >= 0"),
 ])
 def test_bad_train_flags_exit_2_naming_the_flag(shards, tmp_path, capsys, flag, value, message):
     argv = ["train", "--mixture", str(shards["mix"]), "--out", str(tmp_path / "o"), *TRAIN_FLAGS]
@@ -205,6 +211,30 @@ def test_bad_train_flags_exit_2_naming_the_flag(shards, tmp_path, capsys, flag, 
         argv += [flag, value]
     assert main(argv) == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_model_options_and_loss_weights_reach_the_checkpoint(shards, tmp_path, capsys):
+    """--model-option / --loss-weight: the softmax classifier with another class weight trains,
+    is kept in the checkpoint, evaluates from it, and a resume asking for other weights is
+    refused naming the flag."""
+    out = tmp_path / "sm"
+    argv = ["train", "--mixture", str(shards["mix"]), "--out", str(out), *TRAIN_FLAGS,
+            "--model-option", "class_loss=softmax", "--model-option", "dec_layers=3",
+            "--loss-weight", "loss_class=16"]
+    assert main([*argv, "--stop-after", "3"]) == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["config"]["model_options"] == {"class_loss": "softmax", "dec_layers": 3}
+    assert state["config"]["loss_weights"] == {"loss_class": 16.0}
+    assert state["model_config"]["class_loss"] == "softmax"
+    assert any(k.endswith("cls.no_object") for k in state["model"])
+    other = [*argv[:-1], "loss_class=8", "--resume"]
+    assert main(other) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "loss weights (--loss-weight) {'loss_class': 16.0}, this run asks for" in err, err
+    assert main([*argv, "--resume"]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
+    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(shards["scenes"]),
+                 "--task", "instance", "--device", "cpu"]) == 0
 
 
 def test_bad_eval_flags_exit_2(run, shards, tmp_path, capsys):
