@@ -129,11 +129,13 @@ def train_command(
         help="Image root overriding the manifest's (data moved); one-dataset mixtures only, "
              "else a `root:` key per mix.yaml entry.")] = None,
     model_option: Annotated[list[str] | None, typer.Option(
-        help="Override one hyper-parameter of --model, KEY=VALUE (repeatable), e.g. "
-             "class_loss=softmax, dn_groups=3, dec_layers=4.")] = None,
+        metavar="KEY=VALUE",
+        help="Override one hyper-parameter of --model (repeatable), e.g. class_loss=softmax, "
+             "dn_groups=3, dec_layers=4.")] = None,
     loss_weight: Annotated[list[str] | None, typer.Option(
-        help="Override one loss weight, NAME=VALUE (repeatable): loss_class (default 4), "
-             "loss_mask (5), loss_dice (5), loss_bbox (5), loss_giou (2).")] = None,
+        metavar="NAME=VALUE",
+        help="Override one loss weight (repeatable): loss_class (default 4), loss_mask (5), "
+             "loss_dice (5), loss_bbox (5), loss_giou (2).")] = None,
 ) -> None:
     """Train MQ-Former on a weighted mixture of shard folders (mix.yaml)."""
     from model.build import MODEL_SIZES, model_config
