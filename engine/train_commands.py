@@ -87,7 +87,7 @@ def _assignments(flag: str, items: list[str] | None, defaults: dict) -> dict:
         numeric = isinstance(default, float) and isinstance(value, int) \
             and not isinstance(value, bool)
         if default is not None and type(value) is not type(default) and not numeric:
-            raise ValueError(f"{flag} {key}={raw!r}: expected a {type(default).__name__} like "
+            raise ValueError(f"{flag} {key}={raw!r}: expected type {type(default).__name__}, like "
                              f"{json.dumps(default)}")
         chosen[key] = float(value) if numeric else value
     return chosen

@@ -198,7 +198,7 @@ def test_bad_mix_yaml_exits_2_naming_the_key(shards, tmp_path, capsys, line, mes
     ("--stop-after", "7", "--stop-after must be in [1, --steps=6]"),
     ("--model-option", "dec_layer=4", "--model-option 'dec_layer' is not valid; choose one of:"),
     ("--model-option", "dec_layers", "--model-option 'dec_layers': expected KEY=VALUE"),
-    ("--model-option", "dec_layers=four", "dec_layers='four': expected a int like 2"),
+    ("--model-option", "dec_layers=four", "dec_layers='four': expected type int, like 2"),
     ("--model-option", "class_loss=soft", "--model-option: unknown class_loss 'soft'; choose one"),
     ("--loss-weight", "loss_klass=16", "--loss-weight 'loss_klass' is not valid; choose one of"),
     ("--loss-weight", "loss_class=-1", "--loss-weight loss_class must be >= 0"),
