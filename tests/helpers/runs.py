@@ -18,6 +18,17 @@ from tests.helpers.coco_fixture import write_coco
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "sources" / "demo_data"
 
 
+def synthesize_demo_scenes(out: Path, limit: int) -> Path:
+    """A finished `engine synthesize` run at `out` over the first `limit` bundled demo scenes with
+    their ground-truth masks (COCO source, box masker, local executor)."""
+    from pipelines.sources.demo import DEMO_DIR, scenes_gt_file
+
+    assert main(["synthesize", "--source", "coco", "--root", str(DEMO_DIR), "--annotations",
+                 str(scenes_gt_file()), "--out", str(out), "--executor", "local", "--masker",
+                 "box", "--limit", str(limit)]) == 0
+    return out
+
+
 def synthesize_photos(root: Path, extra: list[str] | None = None) -> Path:
     """A finished run in root/run over the dataset in root/data: grabcut + template captions over
     the bundled demo photos as a COCO source, plus bad records (a missing image, a NaN box, an

@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cli import main
 from model import transforms as T
 from model.data import ShardSet, iter_eval_samples
 from model.inference import Evaluator, boxes_to_original, dataset_categories, segments_to_original
-from pipelines.sources.demo import DEMO_DIR, scenes_gt_file
+from tests.helpers.runs import synthesize_demo_scenes
 
 SIZE = 256
 EXTRA = 5  # queries that predict nothing
@@ -24,11 +23,7 @@ EXTRA = 5  # queries that predict nothing
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scenes") / "gt"
-    assert main(["synthesize", "--source", "coco", "--root", str(DEMO_DIR), "--annotations",
-                 str(scenes_gt_file()), "--out", str(out), "--executor", "local", "--masker",
-                 "box", "--limit", "6"]) == 0
-    return out
+    return synthesize_demo_scenes(tmp_path_factory.mktemp("scenes") / "gt", limit=6)
 
 
 def oracle(sample: dict) -> dict:

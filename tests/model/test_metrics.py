@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cli import main
 from model.eval_data import iter_eval_samples
 from model.inference import Evaluator
 from model.shards import ShardSet
-from pipelines.sources.demo import DEMO_DIR, scenes_gt_file
 from tests.helpers.eval_reference import reference_metrics
+from tests.helpers.runs import synthesize_demo_scenes
 
 SIZE = 128
 TASKS = ("instance", "detection", "semantic", "panoptic", "referring", "foreground")
@@ -20,11 +19,7 @@ TASKS = ("instance", "detection", "semantic", "panoptic", "referring", "foregrou
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("metrics") / "gt"
-    assert main(["synthesize", "--source", "coco", "--root", str(DEMO_DIR), "--annotations",
-                 str(scenes_gt_file()), "--out", str(out), "--executor", "local", "--masker",
-                 "box", "--limit", "6"]) == 0
-    return out
+    return synthesize_demo_scenes(tmp_path_factory.mktemp("metrics") / "gt", limit=6)
 
 
 def noisy_oracle(sample: dict, seed: int) -> dict:

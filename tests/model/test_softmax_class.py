@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cli import main
 from model.build import build_mqformer, model_config
 from model.criterion import SetCriterion
 from model.heads import ClassHead, inference_logits, sigmoid_logits, softmax_probs
@@ -16,7 +15,7 @@ from model.matcher import HungarianMatcher
 from model.queries import proposal_scores
 from model.text import HashedBagOfWords
 from model.train import train
-from pipelines.sources.demo import DEMO_DIR, scenes_gt_file
+from tests.helpers.runs import synthesize_demo_scenes
 from tests.model.test_train import FakeLoader, _config
 
 EOS = 0.1
@@ -226,11 +225,7 @@ def test_proposals_rank_by_the_softmax_probability_of_their_best_text():
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scenes") / "gt"
-    assert main(["synthesize", "--source", "coco", "--root", str(DEMO_DIR), "--annotations",
-                 str(scenes_gt_file()), "--out", str(out), "--executor", "local", "--masker",
-                 "box", "--limit", "3"]) == 0
-    return out
+    return synthesize_demo_scenes(tmp_path_factory.mktemp("scenes") / "gt", limit=3)
 
 
 def test_softmax_model_trains_reloads_evaluates_and_masks(tmp_path, scenes):
