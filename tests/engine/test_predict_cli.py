@@ -348,8 +348,8 @@ def test_a_checkpoint_without_vocabulary_asks_for_classes(run, images, tmp_path,
                  "--classes", CLASSES]) == 0
 
 
-def test_panoptic_takes_isthing_from_the_checkpoint_unless_stuff_is_given(run, images, tmp_path):
-    """The stored isthing decides which classes panoptic merges; --stuff overrides it."""
+def _stuffy_checkpoint(run, tmp_path) -> tuple:
+    """The run's checkpoint with `star` stored as stuff -> (path, vocabulary names)."""
     from model.checkpoint import save_checkpoint
 
     state = torch.load(run["checkpoint"], weights_only=True)
@@ -357,6 +357,12 @@ def test_panoptic_takes_isthing_from_the_checkpoint_unless_stuff_is_given(run, i
     state["config"]["data"]["vocabulary"]["isthing"] = [n != "star" for n in names]
     ckpt = tmp_path / "stuffy.pt"
     save_checkpoint(ckpt, state)
+    return ckpt, names
+
+
+def test_panoptic_takes_isthing_from_the_checkpoint_unless_stuff_is_given(run, images, tmp_path):
+    """The stored isthing decides which classes panoptic merges; --stuff overrides it."""
+    ckpt, names = _stuffy_checkpoint(run, tmp_path)
     argv = ["predict", "--checkpoint", str(ckpt), "--images", str(images), "--device", "cpu",
             "--task", "panoptic"]
     for out, flags, stuff in ((tmp_path / "stored", [], {"star"}),
@@ -370,13 +376,7 @@ def test_panoptic_takes_isthing_from_the_checkpoint_unless_stuff_is_given(run, i
 def test_instance_leaves_the_checkpoints_stuff_classes_out(run, images, tmp_path):
     """A stuff class of the stored vocabulary is not an instance: no result carries it, and the
     results are those of --classes given the other names' texts scored as before."""
-    from model.checkpoint import save_checkpoint
-
-    state = torch.load(run["checkpoint"], weights_only=True)
-    names = state["config"]["data"]["vocabulary"]["names"]
-    state["config"]["data"]["vocabulary"]["isthing"] = [n != "star" for n in names]
-    ckpt = tmp_path / "stuffy.pt"
-    save_checkpoint(ckpt, state)
+    ckpt, names = _stuffy_checkpoint(run, tmp_path)
     argv = ["predict", "--checkpoint", str(ckpt), "--images", str(images), "--device", "cpu",
             "--task", "instance", "--top-k", "500"]
     assert main([*argv, "--out", str(tmp_path / "stuffy")]) == 0
