@@ -332,6 +332,7 @@ def rediagnose(args, tag: str) -> dict:
 
     from model.checkpoint import load_checkpoint_file
     from model.inference import load_model
+    from model.mixture import load_mixture
 
     path = args.results / "ablation_levers.json"
     arms = json.loads(path.read_text())["arms"] if path.is_file() else {}
@@ -340,8 +341,6 @@ def rediagnose(args, tag: str) -> dict:
     run = Path(result["run_dir"])
     ckpt = next((p for p in (run / "ckpt.pt", run / "last.pt") if p.is_file()), None)
     check(ckpt is not None, f"--rediagnose {tag}: {run} holds no checkpoint (removed?)")
-    from model.mixture import load_mixture
-
     mix = load_mixture(run / "mix.yaml")  # the run's own training and held-out shards
     model = load_model(load_checkpoint_file(ckpt))
     model.eval()

@@ -37,12 +37,10 @@ def _top_pairs(logits: Tensor, top_k: int,
     is_thing (K,): stuff texts are not instances, so their pairs are left out (Mask2Former's
     instance inference of a panoptic model keeps thing classes only); None keeps every text.
     """
-    scores = logits.float().sigmoid()
-    if is_thing is not None and not all(is_thing):
-        scores = scores[:, torch.tensor(is_thing, dtype=torch.bool, device=scores.device)]
-        texts = torch.nonzero(torch.tensor(is_thing)).flatten().to(scores.device)
-    else:
-        texts = torch.arange(scores.shape[1], device=scores.device)
+    texts = torch.arange(logits.shape[1], device=logits.device)
+    if is_thing is not None:
+        texts = texts[torch.tensor(is_thing, dtype=torch.bool, device=logits.device)]
+    scores = logits[:, texts].float().sigmoid()
     flat_scores, flat = scores.flatten().topk(min(top_k, scores.numel()))
     return flat_scores, flat // scores.shape[1], texts[flat % scores.shape[1]]
 
