@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from model.box_ops import giou_cxcywh
 from model.denoising import dn_indices
-from model.matcher import HungarianMatcher
+from model.matcher import HungarianMatcher, TargetBatch, batched_giou
 from model.points import grid_points, point_sample, uncertain_points
 from model.queries import QUERY_TYPES
 
@@ -39,19 +38,19 @@ DEFAULT_WEIGHTS = {"loss_class": 4.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_
 
 
 def mask_losses(logits: Tensor, targets: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed (not normalised) BCE and dice of matched masks on the given points.
+    """BCE and dice of matched masks on the given points, one value per mask.
 
     logits (n, h, w) mask logits, targets (n, H, W) {0, 1}, points (n, P, 2) in [0, 1] (x, y).
     BCE is the mean over points per mask; dice = 1 - (2 p.t + 1) / (sum p + sum t + 1).
-    Returns (bce summed over masks, dice summed over masks).
+    Returns (bce (n,), dice (n,)).
     """
     pred = point_sample(logits, points)
     with torch.no_grad():
         tgt = point_sample(targets.to(points.dtype), points)
-    bce = F.binary_cross_entropy_with_logits(pred, tgt, reduction="none").mean(1).sum()
+    bce = F.binary_cross_entropy_with_logits(pred, tgt, reduction="none").mean(1)
     prob = pred.sigmoid()
     dice = 1 - (2 * (prob * tgt).sum(1) + 1) / (prob.sum(1) + tgt.sum(1) + 1)
-    return bce, dice.sum()
+    return bce, dice
 
 
 def _global_count(n: float, device: torch.device) -> float:
@@ -107,30 +106,20 @@ def class_diagnostics(outputs: dict, targets: list[dict],
     return out
 
 
-def softmax_class_loss(logits: Tensor, noobj: Tensor, targets: list[dict],
-                       indices: list[tuple[Tensor, Tensor]], eos_coef: float) -> Tensor:
-    """Mask2Former's class loss: cross-entropy of every query over [its sample's texts,
-    no-object], the matched text the target of a matched query and no-object the target of the
-    rest, weights 1 per text and eos_coef for no-object; sum of weighted losses / sum of the
-    targets' weights (F.cross_entropy's weighted mean, over the whole batch).
-
-    logits (B, Q, K_max) with padded slots (sliced away per sample), noobj (B, Q)."""
-    total = logits.new_zeros(())
-    weight_sum = logits.new_zeros(())
-    for b, ((src, tgt), target) in enumerate(zip(indices, targets, strict=True)):
-        n_texts = len(target["texts"])
-        scores = torch.cat([logits[b, :, :n_texts], noobj[b, :, None]], -1)  # (Q, n_texts + 1)
-        classes = torch.full((scores.shape[0],), n_texts, dtype=torch.long, device=scores.device)
-        classes[src.to(scores.device)] = target["labels"][tgt].to(scores.device)
-        weight = scores.new_ones(n_texts + 1)
-        weight[n_texts] = eos_coef
-        total = total + F.cross_entropy(scores, classes, weight, reduction="sum")
-        weight_sum = weight_sum + weight[classes].sum()
-    return total / weight_sum.clamp(min=1e-12)
+def _flat_matches(indices: list[tuple[Tensor, Tensor]],
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The matches of N items as three (T,) long tensors: item, query (src) and target (tgt)."""
+    items = [torch.full((len(src),), n, dtype=torch.long) for n, (src, _) in enumerate(indices)]
+    return (torch.cat(items).to(device), torch.cat([s for s, _ in indices]).to(device),
+            torch.cat([t for _, t in indices]).to(device))
 
 
 class SetCriterion(nn.Module):
-    """forward(outputs, targets) -> (losses dict of scalar tensors incl. "loss", match counts)."""
+    """forward(outputs, targets) -> (losses dict of scalar tensors incl. "loss", match counts).
+
+    The decoder stages (same queries, same targets) are stacked along the batch dimension and
+    matched and scored in one pass (items, see model/matcher.py); each term is summed per item and
+    the items of a stage make its loss."""
 
     def __init__(self, matcher: HungarianMatcher | None = None,
                  weights: dict[str, float] | None = None, num_points: int = 12544,
@@ -153,51 +142,87 @@ class SetCriterion(nn.Module):
                                                              importance_sample_ratio)
         self.alpha, self.gamma = alpha, gamma
 
-    def stage_losses(self, outputs: dict, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
-                     num_boxes: float, num_masks: float,
-                     points: list[Tensor] | None = None) -> dict[str, Tensor]:
-        """The five loss terms of one prediction stage for given matches. points: optional per
-        sample (n_matched, P, 2) mask points (tests); importance-sampled when None."""
+    def item_terms(self, outputs: dict, batch: TargetBatch, sample_of: Tensor,
+                   indices: list[tuple[Tensor, Tensor]],
+                   points: list[Tensor | None] | None = None) -> dict[str, Tensor]:
+        """Each loss term summed per item (N,): class (sigmoid focal over the item's own texts; with
+        pred_noobj the weighted cross-entropy, and class_weight its weights' sum), bbox, giou and,
+        for samples with masks, mask and dice. points: optional per item (n_matched, P, 2) mask
+        points (tests); importance-sampled when None."""
         # float32 losses even when the forward ran under bf16 autocast
         logits, boxes, masks = (outputs[k].float() for k in ("pred_logits", "pred_boxes",
                                                               "pred_masks"))
-        noobj = outputs["pred_noobj"].float() if "pred_noobj" in outputs else None
+        n, q, k = logits.shape
+        # every term hangs on the outputs, so that a stage without matches still has a gradient
         zero = (logits[torch.isfinite(logits)].sum() + boxes.sum() + masks.sum()) * 0.0
-        loss = {k: zero.clone() for k in DEFAULT_WEIGHTS}
-        for b, ((src, tgt), target) in enumerate(zip(indices, targets, strict=True)):
-            if noobj is None:
-                n_texts = len(target["texts"])
-                sample_logits = logits[b, :, :n_texts]
-                onehot = torch.zeros_like(sample_logits)
-                onehot[src.to(onehot.device), target["labels"][tgt].to(onehot.device)] = 1.0
-                loss["loss_class"] = loss["loss_class"] + sigmoid_focal_loss(
-                    sample_logits, onehot, self.alpha, self.gamma, reduction="sum")
-            if len(src) == 0:
-                continue
-            src_boxes, tgt_boxes = boxes[b, src], target["boxes"][tgt].to(boxes)
-            loss["loss_bbox"] = loss["loss_bbox"] + (src_boxes - tgt_boxes).abs().sum()
-            giou = torch.diag(giou_cxcywh(src_boxes.float(), tgt_boxes.float()))
-            loss["loss_giou"] = loss["loss_giou"] + (1 - giou).sum()
-            if target["has_masks"]:
-                src_masks = masks[b, src]
-                if points is not None:
-                    pts = points[b]
-                elif self.full_mask:
-                    pts = grid_points(len(src), *src_masks.shape[-2:], device=src_masks.device)
-                else:
-                    pts = uncertain_points(src_masks, self.num_points, self.oversample,
-                                           self.importance)
-                tgt_masks = target["masks"][tgt].to(src_masks.device)
-                bce, dice = mask_losses(src_masks, tgt_masks, pts)
-                loss["loss_mask"] = loss["loss_mask"] + bce
-                loss["loss_dice"] = loss["loss_dice"] + dice
-        for k in ("loss_class", "loss_bbox", "loss_giou"):
-            loss[k] = loss[k] / num_boxes
-        for k in ("loss_mask", "loss_dice"):
-            loss[k] = loss[k] / num_masks
-        if noobj is not None:  # a weighted mean already: no num_boxes
-            loss["loss_class"] = softmax_class_loss(logits, noobj, targets, indices, self.eos_coef)
-        return loss
+        terms = {name: zero + logits.new_zeros(n) for name in ("bbox", "giou", "mask", "dice")}
+        item, src, tgt = _flat_matches(indices, logits.device)
+        sample = sample_of[item]
+        labels = batch.labels[sample, tgt]
+        if "pred_noobj" in outputs:
+            scores = torch.cat([logits, outputs["pred_noobj"].float()[..., None]], -1)
+            classes = torch.full((n, q), k, dtype=torch.long, device=logits.device)
+            classes[item, src] = labels
+            weight = logits.new_ones(k + 1)
+            weight[k] = self.eos_coef
+            terms["class"] = F.cross_entropy(scores.flatten(0, 1), classes.flatten(), weight,
+                                             reduction="none").view(n, q).sum(1)
+            terms["class_weight"] = weight[classes].sum(1)
+        else:
+            texts = (torch.arange(k, device=logits.device)[None]
+                     < batch.n_texts[sample_of][:, None])[:, None, :]  # (N, 1, K) real texts
+            onehot = torch.zeros_like(logits)
+            onehot[item, src, labels] = 1.0
+            focal = sigmoid_focal_loss(torch.where(texts, logits, 0.0), onehot, self.alpha,
+                                       self.gamma, reduction="none")
+            terms["class"] = zero + (focal * texts).sum((1, 2))
+        if len(item) == 0:
+            return terms
+        src_boxes, tgt_boxes = boxes[item, src], batch.boxes[sample, tgt].to(boxes)
+        terms["bbox"] = terms["bbox"].index_add(0, item, (src_boxes - tgt_boxes).abs().sum(1))
+        giou = batched_giou(src_boxes[:, None], tgt_boxes[:, None])[:, 0, 0]
+        terms["giou"] = terms["giou"].index_add(0, item, 1 - giou)
+        masked = batch.has_masks[sample]
+        if bool(masked.any()):
+            m_item, src_masks = item[masked], masks[item[masked], src[masked]]
+            if points is not None:
+                pts = torch.cat([points[i] for i in m_item.unique_consecutive().tolist()])
+            elif self.full_mask:
+                pts = grid_points(len(m_item), *src_masks.shape[-2:], device=src_masks.device)
+            else:
+                pts = uncertain_points(src_masks, self.num_points, self.oversample,
+                                       self.importance)
+            bce, dice = mask_losses(src_masks, batch.masks[sample[masked], tgt[masked]], pts)
+            terms["mask"] = terms["mask"].index_add(0, m_item, bce.to(logits.dtype))
+            terms["dice"] = terms["dice"].index_add(0, m_item, dice.to(logits.dtype))
+        return terms
+
+    @staticmethod
+    def reduce_terms(terms: dict[str, Tensor], items: slice, num_boxes: float,
+                     num_masks: float) -> dict[str, Tensor]:
+        """The five loss terms of the items of one stage: sums over its items / num_boxes (class
+        focal, boxes) or num_masks (masks); the softmax class loss is the weighted mean over
+        every query of the stage."""
+        if "class_weight" in terms:
+            loss_class = (terms["class"][items].sum()
+                          / terms["class_weight"][items].sum().clamp(min=1e-12))
+        else:
+            loss_class = terms["class"][items].sum() / num_boxes
+        return {"loss_class": loss_class, "loss_mask": terms["mask"][items].sum() / num_masks,
+                "loss_dice": terms["dice"][items].sum() / num_masks,
+                "loss_bbox": terms["bbox"][items].sum() / num_boxes,
+                "loss_giou": terms["giou"][items].sum() / num_boxes}
+
+    def stage_losses(self, outputs: dict, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+                     num_boxes: float, num_masks: float,
+                     points: list[Tensor | None] | None = None) -> dict[str, Tensor]:
+        """The five loss terms of one prediction stage for given matches. points: optional per
+        sample (n_matched, P, 2) mask points (tests); importance-sampled when None."""
+        device = outputs["pred_logits"].device
+        batch = TargetBatch.from_targets(targets, device)
+        sample_of = torch.arange(len(targets), device=device)
+        terms = self.item_terms(outputs, batch, sample_of, indices, points)
+        return self.reduce_terms(terms, slice(None), num_boxes, num_masks)
 
     def forward(self, outputs: dict, targets: list[dict]) -> tuple[dict[str, Tensor],
                                                                    dict[str, float]]:
@@ -205,42 +230,71 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         num_boxes = _global_count(sum(len(t["labels"]) for t in targets), device)
         num_masks = _global_count(sum(len(t["labels"]) for t in targets if t["has_masks"]), device)
+        batch = TargetBatch.from_targets(targets, device)
         stages = [("", outputs)]
         stages += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         if "interm_outputs" in outputs:
             stages.append(("_interm", outputs["interm_outputs"]))
         losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
-        total = outputs["pred_boxes"].new_zeros(())
-        for suffix, stage in stages:
-            indices = self.matcher(stage, targets)
-            if suffix == "":
-                counts = count_matches_by_type(indices, outputs["query_types"], targets)
-                counts.update(class_diagnostics(outputs, targets, indices))
-            for k, v in self.stage_losses(stage, targets, indices, num_boxes, num_masks).items():
-                losses[k + suffix] = v
-                total = total + self.weights[k] * v
+        for group in _stackable(stages):
+            stacked, sample_of = _stack([stage for _, stage in group], len(targets))
+            indices = self.matcher.match(stacked, batch, sample_of)
+            terms = self.item_terms(stacked, batch, sample_of, indices)
+            for i, (suffix, _) in enumerate(group):
+                items = slice(i * len(targets), (i + 1) * len(targets))
+                if suffix == "":
+                    counts = count_matches_by_type(indices[items], outputs["query_types"], targets)
+                    counts.update(class_diagnostics(outputs, targets, indices[items]))
+                for k, v in self.reduce_terms(terms, items, num_boxes, num_masks).items():
+                    losses[k + suffix] = v
         if "dn_outputs" in outputs:
-            total = total + self._dn_losses(stages, targets, outputs, num_boxes, num_masks, losses)
-        losses["loss"] = total
+            self._dn_losses(stages, batch, outputs, num_boxes, num_masks, losses)
+        losses["loss"] = sum(self.weights[_term(k)] * v for k, v in losses.items())
         return losses, counts
 
-    def _dn_losses(self, stages: list[tuple[str, dict]], targets: list[dict], outputs: dict,
-                   num_boxes: float, num_masks: float, losses: dict) -> Tensor:
-        """Adds the denoising terms of every stage that has dn_outputs to `losses`; returns their
-        weighted sum."""
+    def _dn_losses(self, stages: list[tuple[str, dict]], batch: TargetBatch, outputs: dict,
+                   num_boxes: float, num_masks: float, losses: dict) -> None:
+        """Adds the denoising terms of every stage that has dn_outputs to `losses`, all stages in
+        one pass (their queries pair one-to-one with the targets: no matching)."""
         groups, per_group = outputs["dn_groups"], outputs["dn_per_group"]
-        indices = dn_indices(targets, groups, per_group)
-        total = outputs["pred_boxes"].new_zeros(())
-        for suffix, stage in stages:
-            if "dn_outputs" not in stage:
-                continue
-            terms = self.stage_losses(stage["dn_outputs"], targets, indices, num_boxes * groups,
-                                      num_masks * groups)
-            for k, v in terms.items():
+        dn = [(suffix, stage["dn_outputs"]) for suffix, stage in stages if "dn_outputs" in stage]
+        b = len(batch.counts)
+        stacked, sample_of = _stack([stage for _, stage in dn], b)
+        indices = dn_indices(batch.targets, groups, per_group) * len(dn)
+        terms = self.item_terms(stacked, batch, sample_of, indices)
+        for i, (suffix, _) in enumerate(dn):
+            terms_i = self.reduce_terms(terms, slice(i * b, (i + 1) * b), num_boxes * groups,
+                                        num_masks * groups)
+            for k, v in terms_i.items():
                 losses[f"{k}_dn{suffix}"] = v
-                total = total + self.weights[k] * v
-        return total
+
+
+STACKED_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "pred_noobj")
+
+
+def _term(key: str) -> str:
+    """The weight name of a loss key: loss_mask_3 -> loss_mask, loss_bbox_dn_interm -> loss_bbox."""
+    return next(name for name in DEFAULT_WEIGHTS if key == name or key.startswith(name + "_"))
+
+
+def _stackable(stages: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
+    """Stages grouped by what stacking needs alike (query count, the keys), in first-seen order:
+    the decoder stages, then the encoder proposals (fewer queries)."""
+    groups: dict[tuple, list] = {}
+    for suffix, stage in stages:
+        key = (stage["pred_logits"].shape[1], tuple(k for k in STACKED_KEYS if k in stage))
+        groups.setdefault(key, []).append((suffix, stage))
+    return list(groups.values())
+
+
+def _stack(stages: list[dict], batch_size: int) -> tuple[dict, Tensor]:
+    """S stages of B samples as one of S * B items, and each item's sample index."""
+    keys = [k for k in STACKED_KEYS if k in stages[0]]
+    stacked = {k: torch.cat([s[k] for s in stages]) if len(stages) > 1 else stages[0][k]
+               for k in keys}
+    device = stacked["pred_logits"].device
+    return stacked, torch.arange(len(stages) * batch_size, device=device) % batch_size
 
 
 def check_targets(targets: list[dict], k_max: int) -> None:

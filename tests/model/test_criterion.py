@@ -178,3 +178,31 @@ def test_full_mask_loss_counts_every_pixel_like_numpy():
     # the default samples num_points points: with 3 of 16 pixels it is another (noisy) figure
     sampled = SetCriterion(num_points=3).stage_losses(outputs, targets, indices, 3.0, 2.0)
     assert sampled["loss_mask"].item() != pytest.approx(bce / 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_stacked_stages_score_as_each_stage_alone(softmax):
+    """forward scores the decoder stages stacked as one batch and the encoder proposals (fewer
+    queries) apart; every stage's terms must equal that stage's own stage_losses. The matching
+    and the points are deterministic here (no mask cost, full-mask loss), so both paths see the
+    same matches."""
+    outputs, targets, _ = _batch(4)
+    g = torch.Generator().manual_seed(4)
+    keys = ["pred_logits", "pred_boxes", "pred_masks"]
+    if softmax:
+        outputs["pred_noobj"] = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        keys.append("pred_noobj")
+    noisy = [{k: outputs[k] + torch.rand(outputs[k].shape, generator=g, dtype=torch.float64) * 0.1
+              for k in keys} for _ in range(2)]
+    outputs["aux_outputs"] = noisy
+    outputs["interm_outputs"] = {k: outputs[k][:, :3].clone() for k in keys}
+    matcher = HungarianMatcher(cost_mask=0.0, cost_dice=0.0)
+    crit = SetCriterion(matcher, full_mask=True)
+    losses, _ = crit(outputs, targets)
+    stages = [("", outputs), ("_0", noisy[0]), ("_1", noisy[1]),
+              ("_interm", outputs["interm_outputs"])]
+    for suffix, stage in stages:
+        alone = crit.stage_losses(stage, targets, matcher(stage, targets), num_boxes=3.0,
+                                  num_masks=2.0)
+        for k, v in alone.items():
+            assert losses[k + suffix].item() == pytest.approx(v.item(), rel=1e-6), k + suffix

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.matcher import HungarianMatcher
+from model.matcher import HungarianMatcher, TargetBatch, batched_giou
 from tests.helpers.model_reference import giou as _giou
 from tests.helpers.model_reference import pixel_centres as _centres
 from tests.helpers.model_reference import sigmoid as _sigmoid
@@ -110,3 +110,58 @@ def test_empty_targets_and_padded_texts():
                "pred_boxes": torch.stack([boxes, boxes]), "pred_masks": torch.stack([masks, masks])}
     result = HungarianMatcher(num_points=256)(outputs, [target, empty])
     assert len(result[0][0]) == 3 and len(result[1][0]) == 0
+
+
+def _stacked_case(softmax: bool):
+    """Two stages of three samples stacked as six items: sample 0 with 3 masked targets, sample 1
+    box-only with 2 targets and fewer texts (padded slots -inf), sample 2 without targets."""
+    g = torch.Generator().manual_seed(11)
+    q, k = 5, 4
+    cases = [_case(s, q=q, m=m, k=k) for s, m in ((1, 3), (2, 2), (3, 1))]
+    targets = [case[3] for case in cases]
+    targets[1] = dict(targets[1], has_masks=False, texts=targets[1]["texts"][:3],
+                      labels=targets[1]["labels"].clamp(max=2))
+    targets[2] = dict(targets[2], labels=torch.zeros(0, dtype=torch.long),
+                      boxes=torch.zeros(0, 4), masks=torch.zeros(0, 16, 16, dtype=torch.bool),
+                      is_thing=torch.zeros(0, dtype=torch.bool))
+    logits = torch.stack([case[0] for case in cases] * 2) + torch.randn(6, q, k, generator=g)
+    logits[[1, 4], :, 3] = float("-inf")
+    outputs = {"pred_logits": logits,
+               "pred_boxes": torch.stack([case[1] for case in cases] * 2),
+               "pred_masks": torch.randn(6, q, 4, 4, generator=g) * 3}
+    if softmax:
+        outputs["pred_noobj"] = torch.randn(6, q, generator=g)
+    return outputs, targets
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_batched_cost_of_stacked_items_is_each_items_cost(softmax):
+    outputs, targets = _stacked_case(softmax)
+    matcher = HungarianMatcher()
+    batch = TargetBatch.from_targets(targets, torch.device("cpu"))
+    sample_of = torch.tensor([0, 1, 2, 0, 1, 2])
+    points = torch.rand(3, 64, 2, generator=torch.Generator().manual_seed(5))
+    cost = matcher.batched_cost(outputs, batch, sample_of, points)
+    assert cost.shape == (6, 5, 3)
+    for n, b in enumerate(sample_of.tolist()):
+        k, m, target = len(targets[b]["texts"]), len(targets[b]["labels"]), targets[b]
+        noobj = outputs["pred_noobj"][n] if softmax else None
+        masks = outputs["pred_masks"][n] if target["has_masks"] else None
+        expected = matcher.cost_matrix(outputs["pred_logits"][n, :, :k], outputs["pred_boxes"][n],
+                                       masks, target, points=points[b], noobj=noobj)
+        torch.testing.assert_close(cost[n, :, :m], expected, rtol=1e-5, atol=1e-5)
+    indices = matcher.match(outputs, batch, sample_of)
+    assert [len(rows) for rows, _ in indices] == [3, 2, 0, 3, 2, 0]
+
+
+def test_batched_giou_is_torchvisions_per_item():
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(3, 5, 4, generator=g, dtype=torch.float64) * 0.5 + 0.1
+    b = torch.rand(3, 2, 4, generator=g, dtype=torch.float64) * 0.5 + 0.1
+    got = batched_giou(a, b)
+    for n in range(3):
+        expected = generalized_box_iou(box_convert(a[n], "cxcywh", "xyxy"),
+                                       box_convert(b[n], "cxcywh", "xyxy"))
+        torch.testing.assert_close(got[n], expected)
