@@ -30,7 +30,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from model.denoising import dn_indices
 from model.matcher import HungarianMatcher, TargetBatch, batched_giou
-from model.points import grid_points, point_sample, uncertain_points
+from model.points import grid_points, point_sample, sample_matched, uncertain_points
 from model.queries import QUERY_TYPES
 
 DEFAULT_WEIGHTS = {"loss_class": 4.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_bbox": 5.0,
@@ -40,16 +40,14 @@ DEFAULT_WEIGHTS = {"loss_class": 4.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_
 def mask_losses(logits: Tensor, targets: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
     """BCE and dice of matched masks on the given points, one value per mask.
 
-    logits (n, h, w) mask logits, targets (n, H, W) {0, 1}, points (n, P, 2) in [0, 1] (x, y).
-    BCE is the mean over points per mask; dice = 1 - (2 p.t + 1) / (sum p + sum t + 1).
-    Returns (bce (n,), dice (n,)).
+    logits (n, h, w) mask logits, targets (n, P) the target masks' values at the points,
+    points (n, P, 2) in [0, 1] (x, y). BCE is the mean over points per mask;
+    dice = 1 - (2 p.t + 1) / (sum p + sum t + 1). Returns (bce (n,), dice (n,)).
     """
     pred = point_sample(logits, points)
-    with torch.no_grad():
-        tgt = point_sample(targets.to(points.dtype), points)
-    bce = F.binary_cross_entropy_with_logits(pred, tgt, reduction="none").mean(1)
+    bce = F.binary_cross_entropy_with_logits(pred, targets, reduction="none").mean(1)
     prob = pred.sigmoid()
-    dice = 1 - (2 * (prob * tgt).sum(1) + 1) / (prob.sum(1) + tgt.sum(1) + 1)
+    dice = 1 - (2 * (prob * targets).sum(1) + 1) / (prob.sum(1) + targets.sum(1) + 1)
     return bce, dice
 
 
@@ -150,8 +148,8 @@ class SetCriterion(nn.Module):
         for samples with masks, mask and dice. points: optional per item (n_matched, P, 2) mask
         points (tests); importance-sampled when None."""
         # float32 losses even when the forward ran under bf16 autocast
-        logits, boxes, masks = (outputs[k].float() for k in ("pred_logits", "pred_boxes",
-                                                              "pred_masks"))
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        masks = outputs["pred_masks"]  # converted after the gather: only matched masks
         n, q, k = logits.shape
         # every term hangs on the outputs, so that a stage without matches still has a gradient
         zero = (logits[torch.isfinite(logits)].sum() + boxes.sum() + masks.sum()) * 0.0
@@ -184,7 +182,7 @@ class SetCriterion(nn.Module):
         terms["giou"] = terms["giou"].index_add(0, item, 1 - giou)
         masked = batch.has_masks[sample]
         if bool(masked.any()):
-            m_item, src_masks = item[masked], masks[item[masked], src[masked]]
+            m_item, src_masks = item[masked], masks[item[masked], src[masked]].float()
             if points is not None:
                 pts = torch.cat([points[i] for i in m_item.unique_consecutive().tolist()])
             elif self.full_mask:
@@ -192,7 +190,8 @@ class SetCriterion(nn.Module):
             else:
                 pts = uncertain_points(src_masks, self.num_points, self.oversample,
                                        self.importance)
-            bce, dice = mask_losses(src_masks, batch.masks[sample[masked], tgt[masked]], pts)
+            values = sample_matched(batch.masks, sample[masked], tgt[masked], pts)
+            bce, dice = mask_losses(src_masks, values, pts)
             terms["mask"] = terms["mask"].index_add(0, m_item, bce.to(logits.dtype))
             terms["dice"] = terms["dice"].index_add(0, m_item, dice.to(logits.dtype))
         return terms
@@ -278,14 +277,27 @@ def _term(key: str) -> str:
     return next(name for name in DEFAULT_WEIGHTS if key == name or key.startswith(name + "_"))
 
 
+# Stages are stacked only while their masks stay this small (elements): the stack is a copy, and
+# full-size masks (hundreds of queries at 256x256, ten stages) would double the largest tensors
+# of a training step. Larger stages are scored one at a time, still batched over samples.
+STACK_ELEMENTS = 2**25
+
+
 def _stackable(stages: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
-    """Stages grouped by what stacking needs alike (query count, the keys), in first-seen order:
-    the decoder stages, then the encoder proposals (fewer queries)."""
-    groups: dict[tuple, list] = {}
+    """Stages grouped by what stacking needs alike (query count, the keys), in first-seen order
+    (the decoder stages, then the encoder proposals, which have fewer queries), each group's masks
+    at most STACK_ELEMENTS (a stage larger than that alone)."""
+    groups: list[tuple[tuple, int, list]] = []
     for suffix, stage in stages:
         key = (stage["pred_logits"].shape[1], tuple(k for k in STACKED_KEYS if k in stage))
-        groups.setdefault(key, []).append((suffix, stage))
-    return list(groups.values())
+        size = stage["pred_masks"].numel()
+        same = [g for g in groups if g[0] == key and g[1] + size <= STACK_ELEMENTS]
+        if same:
+            i = groups.index(same[0])
+            groups[i] = (key, groups[i][1] + size, groups[i][2] + [(suffix, stage)])
+        else:
+            groups.append((key, size, [(suffix, stage)]))
+    return [members for _, _, members in groups]
 
 
 def _stack(stages: list[dict], batch_size: int) -> tuple[dict, Tensor]:

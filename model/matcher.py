@@ -29,15 +29,15 @@ from model.heads import softmax_probs
 @dataclass
 class TargetBatch:
     """A batch's targets padded to its most objects M: labels (B, M) long, boxes (B, M, 4),
-    masks (B, M, H, W) bool, valid (B, M) bool (real objects), has_masks (B,) bool,
-    n_texts (B,) long, counts (B objects per sample) and the targets themselves."""
+    valid (B, M) bool (real objects), has_masks (B,) bool, n_texts (B,) long; unpadded: masks
+    (each sample's (M_b, H, W) bool), counts (objects per sample) and the targets themselves."""
 
     labels: Tensor
     boxes: Tensor
-    masks: Tensor
     valid: Tensor
     has_masks: Tensor
     n_texts: Tensor
+    masks: list[Tensor]
     counts: list[int]
     targets: list[dict]
 
@@ -46,21 +46,18 @@ class TargetBatch:
                      dtype: torch.dtype = torch.float32) -> TargetBatch:
         counts = [len(t["labels"]) for t in targets]
         b, m = len(targets), max(counts, default=0)
-        height, width = targets[0]["masks"].shape[-2:]
         labels = torch.zeros(b, m, dtype=torch.long, device=device)
         # padding boxes are a real box, so that the padded costs stay finite
         boxes = torch.full((b, m, 4), 0.5, dtype=dtype, device=device)
-        masks = torch.zeros(b, m, height, width, dtype=torch.bool, device=device)
         for i, (t, n) in enumerate(zip(targets, counts, strict=True)):
             if n:
                 labels[i, :n] = t["labels"].to(device)
                 boxes[i, :n] = t["boxes"].to(device, dtype)
-                masks[i, :n] = t["masks"].to(device)
         valid = torch.arange(m, device=device)[None] < torch.tensor(counts, device=device)[:, None]
-        return cls(labels, boxes, masks, valid,
+        return cls(labels, boxes, valid,
                    torch.tensor([bool(t["has_masks"]) for t in targets], device=device),
-                   torch.tensor([len(t["texts"]) for t in targets], device=device), counts,
-                   targets)
+                   torch.tensor([len(t["texts"]) for t in targets], device=device),
+                   [t["masks"].to(device) for t in targets], counts, targets)
 
 
 def batched_giou(a: Tensor, b: Tensor) -> Tensor:
@@ -150,7 +147,11 @@ class HungarianMatcher(nn.Module):
             if points is None:
                 points = torch.rand(len(batch.counts), self.num_points, 2, device=masks.device)
             pred = sample_points(masks, points[sample_of])
-            tgt = sample_points(batch.masks, points)[sample_of]
+            tgt = points.new_zeros(len(batch.counts), labels.shape[1], points.shape[1])
+            for b, n in enumerate(batch.counts):  # one sample's masks in float at a time
+                if n:
+                    tgt[b, :n] = sample_points(batch.masks[b][None], points[b][None])[0]
+            tgt = tgt[sample_of]
             mask_cost = (self.cost_mask * pairwise_bce(pred, tgt)
                          + self.cost_dice * pairwise_dice(pred, tgt))
             cost = cost + torch.where(with_masks[:, None, None], mask_cost, 0.0)

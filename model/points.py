@@ -48,3 +48,32 @@ def grid_points(n: int, height: int, width: int, device=None) -> Tensor:
     xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([xx.flatten(), yy.flatten()], -1)[None].expand(n, -1, -1)
+
+
+@torch.no_grad()
+def sample_matched(masks: list[Tensor], sample: Tensor, target: Tensor, points: Tensor) -> Tensor:
+    """Target masks read at the points of their matches: T matches, match i of target target[i]
+    of sample sample[i] read at points[i] (P, 2) -> (T, P).
+
+    masks: per sample its (M_b, H, W) target masks. Reads one sample at a time with each target
+    a channel of its own (the matches of one target side by side), so the float copies are of
+    one sample's masks, never of every match's: a full-size batch with deep supervision has
+    thousands of matches of megapixel masks."""
+    out = points.new_zeros(points.shape[:2])
+    n_points = points.shape[1]
+    for b in sample.unique().tolist():
+        rows = (sample == b).nonzero()[:, 0]
+        tgt = target[rows]
+        order = torch.argsort(tgt, stable=True)
+        sorted_tgt = tgt[order]
+        rank = torch.empty_like(tgt)
+        rank[order] = (torch.arange(len(tgt), device=tgt.device)
+                       - torch.searchsorted(sorted_tgt, sorted_tgt))
+        m = masks[b].shape[0]
+        grid = points.new_zeros(m, int(rank.max()) + 1, n_points, 2)
+        grid[tgt, rank] = points[rows]
+        read = F.grid_sample(masks[b][:, None].to(points.dtype),
+                             (2 * grid - 1).flatten(1, 2)[:, :, None], mode="bilinear",
+                             padding_mode="zeros", align_corners=False)
+        out[rows] = read.view(m, -1, n_points)[tgt, rank]
+    return out

@@ -181,11 +181,16 @@ def test_full_mask_loss_counts_every_pixel_like_numpy():
 
 
 @pytest.mark.parametrize("softmax", [False, True])
-def test_stacked_stages_score_as_each_stage_alone(softmax):
+@pytest.mark.parametrize("stack_limit", [None, 1])
+def test_stacked_stages_score_as_each_stage_alone(softmax, stack_limit, monkeypatch):
     """forward scores the decoder stages stacked as one batch and the encoder proposals (fewer
-    queries) apart; every stage's terms must equal that stage's own stage_losses. The matching
-    and the points are deterministic here (no mask cost, full-mask loss), so both paths see the
-    same matches."""
+    queries) apart, or (masks over the stacking limit) every stage apart; every stage's terms
+    must equal that stage's own stage_losses. The matching and the points are deterministic here
+    (no mask cost, full-mask loss), so both paths see the same matches."""
+    import model.criterion
+
+    if stack_limit is not None:
+        monkeypatch.setattr(model.criterion, "STACK_ELEMENTS", stack_limit)
     outputs, targets, _ = _batch(4)
     g = torch.Generator().manual_seed(4)
     keys = ["pred_logits", "pred_boxes", "pred_masks"]
@@ -201,8 +206,27 @@ def test_stacked_stages_score_as_each_stage_alone(softmax):
     losses, _ = crit(outputs, targets)
     stages = [("", outputs), ("_0", noisy[0]), ("_1", noisy[1]),
               ("_interm", outputs["interm_outputs"])]
+    groups = model.criterion._stackable(stages)
+    assert [len(g) for g in groups] == ([3, 1] if stack_limit is None else [1, 1, 1, 1])
     for suffix, stage in stages:
         alone = crit.stage_losses(stage, targets, matcher(stage, targets), num_boxes=3.0,
                                   num_masks=2.0)
         for k, v in alone.items():
             assert losses[k + suffix].item() == pytest.approx(v.item(), rel=1e-6), k + suffix
+
+
+def test_sample_matched_reads_each_match_at_its_own_points():
+    """Matches of several samples, some targets matched three times (deep supervision stacks
+    stages), in no order: each row is its target read at its points, as point_sample of that one
+    mask would read it."""
+    from model.points import point_sample, sample_matched
+
+    g = torch.Generator().manual_seed(8)
+    masks = [torch.rand(3, 12, 12, generator=g) > 0.5, torch.rand(2, 12, 12, generator=g) > 0.3]
+    sample = torch.tensor([1, 0, 0, 1, 0, 0, 1])
+    target = torch.tensor([1, 2, 0, 1, 2, 2, 0])
+    points = torch.rand(7, 20, 2, generator=g)
+    got = sample_matched(masks, sample, target, points)
+    for i in range(7):
+        mask = masks[int(sample[i])][int(target[i])][None]
+        torch.testing.assert_close(got[i], point_sample(mask, points[i][None])[0])
