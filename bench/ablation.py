@@ -279,7 +279,7 @@ class Bench:
                              data={"image_size": cfg["image_size"]})
         loader = MixtureLoader(load_mixture(mix), image_size=cfg["image_size"],
                                batch_size=cfg["batch_size"], seed=seed, train=True,
-                               cache_images=1100)
+                               cache_images=max(1100, self.args.n_train + 100))
         start, cpu_start = time.perf_counter(), time.process_time()
         ckpt = train(config, loader)
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
@@ -315,7 +315,8 @@ def run_arm(args, name: str) -> dict:
     with torch.no_grad():
         held = bench.diagnose(model, bench.held_out)
         fit = bench.diagnose(model, train_shards, limit=args.n_val)
-    return dict(stats, config=bench.cfg, seed=seed, held_out=held, train_set=fit)
+    return dict(stats, config=bench.cfg, seed=seed, n_train=args.n_train, held_out=held,
+                train_set=fit)
 
 
 def merge_result(path: Path, bench: str, section: str, key: str, value: dict) -> dict:

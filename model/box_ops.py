@@ -3,8 +3,9 @@ padded image unless a name says xyxy."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -19,5 +20,13 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
 
 
 def giou_cxcywh(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise generalized IoU of (N, 4) and (M, 4) cxcywh boxes -> (N, M)."""
-    return generalized_box_iou(cxcywh_to_xyxy(a), cxcywh_to_xyxy(b))
+    """Generalized IoU of every box of a (..., N, 4) against every box of b (..., M, 4), cxcywh
+    -> (..., N, M): torchvision's generalized_box_iou, for a whole batch of items at once (the
+    leading dimensions broadcast)."""
+    a, b = cxcywh_to_xyxy(a)[..., :, None, :], cxcywh_to_xyxy(b)[..., None, :, :]
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
+    union = area_a + area_b - inter.prod(-1)
+    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
+    return inter.prod(-1) / union - (hull.prod(-1) - union) / hull.prod(-1)

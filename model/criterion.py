@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
+from model.box_ops import giou_cxcywh
 from model.denoising import dn_indices
-from model.matcher import HungarianMatcher, TargetBatch, batched_giou
+from model.matcher import HungarianMatcher, TargetBatch
 from model.points import grid_points, point_sample, sample_matched, uncertain_points
 from model.queries import QUERY_TYPES
 
@@ -178,7 +179,7 @@ class SetCriterion(nn.Module):
             return terms
         src_boxes, tgt_boxes = boxes[item, src], batch.boxes[sample, tgt].to(boxes)
         terms["bbox"] = terms["bbox"].index_add(0, item, (src_boxes - tgt_boxes).abs().sum(1))
-        giou = batched_giou(src_boxes[:, None], tgt_boxes[:, None])[:, 0, 0]
+        giou = giou_cxcywh(src_boxes[:, None], tgt_boxes[:, None])[:, 0, 0]
         terms["giou"] = terms["giou"].index_add(0, item, 1 - giou)
         masked = batch.has_masks[sample]
         if bool(masked.any()):

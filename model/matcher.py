@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from model.box_ops import giou_cxcywh
 from model.heads import softmax_probs
 
 
@@ -58,21 +59,6 @@ class TargetBatch:
                    torch.tensor([bool(t["has_masks"]) for t in targets], device=device),
                    torch.tensor([len(t["texts"]) for t in targets], device=device),
                    [t["masks"].to(device) for t in targets], counts, targets)
-
-
-def batched_giou(a: Tensor, b: Tensor) -> Tensor:
-    """Generalized IoU of every box of a (N, Q, 4) against every box of b (N, M, 4), cxcywh, item
-    by item -> (N, Q, M); torchvision's generalized_box_iou for each item at once."""
-    a = torch.cat([a[..., :2] - a[..., 2:] / 2, a[..., :2] + a[..., 2:] / 2], -1)[:, :, None]
-    b = torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)[:, None]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    inter = ((torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2]))
-             .clamp(min=0).prod(-1))
-    union = area_a + area_b - inter
-    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
-    hull_area = hull.prod(-1)
-    return inter / union - (hull_area - union) / hull_area
 
 
 def sample_points(masks: Tensor, points: Tensor) -> Tensor:
@@ -140,7 +126,7 @@ class HungarianMatcher(nn.Module):
             class_cost = focal_class_cost(logits.gather(2, gather), self.alpha, self.gamma)
         boxes, tgt_boxes = outputs["pred_boxes"].float(), batch.boxes[sample_of].float()
         cost = (self.cost_class * class_cost + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
-                - self.cost_giou * batched_giou(boxes, tgt_boxes))
+                - self.cost_giou * giou_cxcywh(boxes, tgt_boxes))
         with_masks = batch.has_masks[sample_of]
         if bool(with_masks.any()):
             masks = outputs["pred_masks"].float()
