@@ -139,7 +139,7 @@ def test_softmax_class_loss_reaches_every_stage_and_the_dn_queries():
     again = criterion.stage_losses(out["dn_outputs"], targets,
                                    [(torch.tensor([0, 1]), torch.tensor([0, 1])),
                                     (torch.tensor([0]), torch.tensor([0]))], 7.0, 1.0)
-    assert float(dn["loss_class"]) == pytest.approx(float(again["loss_class"]))
+    assert dn["loss_class"].item() == pytest.approx(again["loss_class"].item())
     assert {"loss_class_interm", "loss_class_dn", "loss_class_0"} <= set(losses)
     losses["loss"].backward()
     assert model.heads.cls.no_object.grad.abs().sum() > 0
