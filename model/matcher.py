@@ -25,17 +25,17 @@ from torch import Tensor, nn
 
 from model.box_ops import giou_cxcywh
 from model.heads import softmax_probs
+from model.points import point_sample_channels
 
 
 @dataclass
 class TargetBatch:
     """A batch's targets padded to its most objects M: labels (B, M) long, boxes (B, M, 4),
-    valid (B, M) bool (real objects), has_masks (B,) bool, n_texts (B,) long; unpadded: masks
-    (each sample's (M_b, H, W) bool), counts (objects per sample) and the targets themselves."""
+    has_masks (B,) bool, n_texts (B,) long; unpadded: masks (each sample's (M_b, H, W) bool),
+    counts (objects per sample; columns past a sample's count are padding) and the targets."""
 
     labels: Tensor
     boxes: Tensor
-    valid: Tensor
     has_masks: Tensor
     n_texts: Tensor
     masks: list[Tensor]
@@ -54,19 +54,10 @@ class TargetBatch:
             if n:
                 labels[i, :n] = t["labels"].to(device)
                 boxes[i, :n] = t["boxes"].to(device, dtype)
-        valid = torch.arange(m, device=device)[None] < torch.tensor(counts, device=device)[:, None]
-        return cls(labels, boxes, valid,
+        return cls(labels, boxes,
                    torch.tensor([bool(t["has_masks"]) for t in targets], device=device),
                    torch.tensor([len(t["texts"]) for t in targets], device=device),
                    [t["masks"].to(device) for t in targets], counts, targets)
-
-
-def sample_points(masks: Tensor, points: Tensor) -> Tensor:
-    """masks (N, C, h, w), points (N, P, 2) in [0, 1] (x, y) -> (N, C, P): every channel of an item
-    read at that item's points (bilinear, align_corners=False as model/points.py)."""
-    grid = (2 * points - 1)[:, :, None, :]
-    return F.grid_sample(masks.to(points.dtype), grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False)[..., 0]
 
 
 def focal_class_cost(logits: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -132,11 +123,11 @@ class HungarianMatcher(nn.Module):
             masks = outputs["pred_masks"].float()
             if points is None:
                 points = torch.rand(len(batch.counts), self.num_points, 2, device=masks.device)
-            pred = sample_points(masks, points[sample_of])
+            pred = point_sample_channels(masks, points[sample_of])
             tgt = points.new_zeros(len(batch.counts), labels.shape[1], points.shape[1])
             for b, n in enumerate(batch.counts):  # one sample's masks in float at a time
                 if n:
-                    tgt[b, :n] = sample_points(batch.masks[b][None], points[b][None])[0]
+                    tgt[b, :n] = point_sample_channels(batch.masks[b][None], points[b][None])[0]
             tgt = tgt[sample_of]
             mask_cost = (self.cost_mask * pairwise_bce(pred, tgt)
                          + self.cost_dice * pairwise_dice(pred, tgt))

@@ -20,6 +20,15 @@ def point_sample(masks: Tensor, points: Tensor) -> Tensor:
     return out[:, 0, :, 0]
 
 
+def point_sample_channels(masks: Tensor, points: Tensor) -> Tensor:
+    """masks (N, C, h, w), points (N, P, 2) in [0, 1] (x, y) -> (N, C, P): every channel of an
+    item read at that item's points (the matcher compares all of an image's predicted and target
+    masks on one set of points)."""
+    grid = (2 * points - 1)[:, :, None, :]
+    return F.grid_sample(masks.to(points.dtype), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)[..., 0]
+
+
 @torch.no_grad()
 def uncertain_points(logits: Tensor, num_points: int, oversample: float = 3.0,
                      importance: float = 0.75) -> Tensor:

@@ -120,7 +120,8 @@ def test_small_has_a_few_million_parameters_and_live_layer_scales():
     n = sum(p.numel() for p in model.parameters())
     assert 2e6 < n < 6e6, n
     gammas = [p for name, p in model.backbone.named_parameters() if name.endswith("gamma")]
-    assert gammas and all(float(g.detach().min()) >= 0.1 for g in gammas)  # not timm's 1e-6 (issue 11)
+    # not timm's 1e-6 (issue 11)
+    assert gammas and all(float(g.detach().min()) >= 0.1 for g in gammas)
     with torch.no_grad():
         out = model(torch.randn(2, 3, 128, 128), TEXTS[:2])
     assert out["pred_masks"].shape == (2, 30, 32, 32)
