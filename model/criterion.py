@@ -255,19 +255,20 @@ class SetCriterion(nn.Module):
 
     def _dn_losses(self, stages: list[tuple[str, dict]], batch: TargetBatch, outputs: dict,
                    num_boxes: float, num_masks: float, losses: dict) -> None:
-        """Adds the denoising terms of every stage that has dn_outputs to `losses`, all stages in
-        one pass (their queries pair one-to-one with the targets: no matching)."""
+        """Adds the denoising terms of every stage that has dn_outputs to `losses`, stacked as the
+        matching stages are (their queries pair one-to-one with the targets: no matching)."""
         groups, per_group = outputs["dn_groups"], outputs["dn_per_group"]
         dn = [(suffix, stage["dn_outputs"]) for suffix, stage in stages if "dn_outputs" in stage]
         b = len(batch.counts)
-        stacked, sample_of = _stack([stage for _, stage in dn], b)
-        indices = dn_indices(batch.targets, groups, per_group) * len(dn)
-        terms = self.item_terms(stacked, batch, sample_of, indices)
-        for i, (suffix, _) in enumerate(dn):
-            terms_i = self.reduce_terms(terms, slice(i * b, (i + 1) * b), num_boxes * groups,
-                                        num_masks * groups)
-            for k, v in terms_i.items():
-                losses[f"{k}_dn{suffix}"] = v
+        pairs = dn_indices(batch.targets, groups, per_group)
+        for group in _stackable(dn):
+            stacked, sample_of = _stack([stage for _, stage in group], b)
+            terms = self.item_terms(stacked, batch, sample_of, pairs * len(group))
+            for i, (suffix, _) in enumerate(group):
+                terms_i = self.reduce_terms(terms, slice(i * b, (i + 1) * b), num_boxes * groups,
+                                            num_masks * groups)
+                for k, v in terms_i.items():
+                    losses[f"{k}_dn{suffix}"] = v
 
 
 STACKED_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "pred_noobj")
@@ -288,14 +289,14 @@ def _stackable(stages: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
     """Stages grouped by what stacking needs alike (query count, the keys), in first-seen order
     (the decoder stages, then the encoder proposals, which have fewer queries), each group's masks
     at most STACK_ELEMENTS (a stage larger than that alone)."""
-    groups: list[tuple[tuple, int, list]] = []
+    groups: list[tuple[tuple, int, list]] = []  # (key, mask elements so far, members)
     for suffix, stage in stages:
         key = (stage["pred_logits"].shape[1], tuple(k for k in STACKED_KEYS if k in stage))
         size = stage["pred_masks"].numel()
-        same = [g for g in groups if g[0] == key and g[1] + size <= STACK_ELEMENTS]
-        if same:
-            i = groups.index(same[0])
-            groups[i] = (key, groups[i][1] + size, groups[i][2] + [(suffix, stage)])
+        for i, (other, total, members) in enumerate(groups):
+            if other == key and total + size <= STACK_ELEMENTS:
+                groups[i] = (key, total + size, members + [(suffix, stage)])
+                break
         else:
             groups.append((key, size, [(suffix, stage)]))
     return [members for _, _, members in groups]
