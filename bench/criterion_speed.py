@@ -26,7 +26,7 @@ from _common import check, console, median_of, parser, print_table, write_result
 from train_throughput import demo_shards
 
 from model.build import build_mqformer
-from model.criterion import DEFAULT_WEIGHTS, SetCriterion
+from model.criterion import DEFAULT_WEIGHTS, SetCriterion, prediction_stages
 from model.data import MixtureLoader
 from model.matcher import HungarianMatcher
 from model.mixture import parse_mixture
@@ -47,36 +47,32 @@ def leaf_outputs(outputs: dict) -> dict:
     return out
 
 
-def stages_of(outputs: dict) -> list[tuple[str, dict]]:
-    stages = [("", outputs)] + [(f"_{i}", s) for i, s in enumerate(outputs["aux_outputs"])]
-    return stages + ([("_interm", outputs["interm_outputs"])] if "interm_outputs" in outputs
-                     else [])
-
-
 def weighted(losses: dict) -> torch.Tensor:
     return sum(DEFAULT_WEIGHTS[k] * v for k, v in losses.items())
 
 
+def normalisers(targets: list[dict]) -> tuple[float, float]:
+    """(num_boxes, num_masks) of the whole batch, as SetCriterion.forward divides by on one
+    process, whatever piece of the batch is scored."""
+    return (max(sum(len(t["labels"]) for t in targets), 1),
+            max(sum(len(t["labels"]) for t in targets if t["has_masks"]), 1))
+
+
 def per_sample(crit: SetCriterion, outputs: dict, targets: list[dict]) -> torch.Tensor:
-    num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
-    num_masks = max(sum(len(t["labels"]) for t in targets if t["has_masks"]), 1)
-    total = 0.0
-    for _, stage in stages_of(outputs):
+    norms, total = normalisers(targets), 0.0
+    for _, stage in prediction_stages(outputs):
         for b, target in enumerate(targets):
             one = {k: stage[k][b:b + 1] for k in OUTPUT_KEYS}
             indices = crit.matcher(one, [target])
-            total = total + weighted(crit.stage_losses(one, [target], indices, num_boxes,
-                                                       num_masks))
+            total = total + weighted(crit.stage_losses(one, [target], indices, *norms))
     return total
 
 
 def per_stage(crit: SetCriterion, outputs: dict, targets: list[dict]) -> torch.Tensor:
-    num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
-    num_masks = max(sum(len(t["labels"]) for t in targets if t["has_masks"]), 1)
-    total = 0.0
-    for _, stage in stages_of(outputs):
+    norms, total = normalisers(targets), 0.0
+    for _, stage in prediction_stages(outputs):
         indices = crit.matcher(stage, targets)
-        total = total + weighted(crit.stage_losses(stage, targets, indices, num_boxes, num_masks))
+        total = total + weighted(crit.stage_losses(stage, targets, indices, *norms))
     return total
 
 

@@ -231,10 +231,7 @@ class SetCriterion(nn.Module):
         num_boxes = _global_count(sum(len(t["labels"]) for t in targets), device)
         num_masks = _global_count(sum(len(t["labels"]) for t in targets if t["has_masks"]), device)
         batch = TargetBatch.from_targets(targets, device)
-        stages = [("", outputs)]
-        stages += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        if "interm_outputs" in outputs:
-            stages.append(("_interm", outputs["interm_outputs"]))
+        stages = prediction_stages(outputs)
         losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         for group in _stackable(stages):
@@ -269,6 +266,16 @@ class SetCriterion(nn.Module):
                                             num_masks * groups)
                 for k, v in terms_i.items():
                     losses[f"{k}_dn{suffix}"] = v
+
+
+def prediction_stages(outputs: dict) -> list[tuple[str, dict]]:
+    """(loss-key suffix, outputs) of every stage the criterion scores: the final layer "", the
+    earlier decoder stages "_0", "_1", ... and the encoder proposals "_interm"."""
+    stages = [("", outputs)]
+    stages += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+    if "interm_outputs" in outputs:
+        stages.append(("_interm", outputs["interm_outputs"]))
+    return stages
 
 
 STACKED_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "pred_noobj")

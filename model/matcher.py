@@ -120,7 +120,7 @@ class HungarianMatcher(nn.Module):
                 - self.cost_giou * giou_cxcywh(boxes, tgt_boxes))
         with_masks = batch.has_masks[sample_of]
         if bool(with_masks.any()):
-            masks = outputs["pred_masks"].float()
+            masks = outputs["pred_masks"]  # read in float32 at the points
             if points is None:
                 points = torch.rand(len(batch.counts), self.num_points, 2, device=masks.device)
             pred = point_sample_channels(masks, points[sample_of])

@@ -12,21 +12,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def point_sample(masks: Tensor, points: Tensor) -> Tensor:
-    """masks (N, h, w), points (N, P, 2) in [0, 1] (x, y) -> (N, P) bilinear samples."""
-    grid = (2 * points - 1)[:, :, None, :]  # (N, P, 1, 2)
-    out = F.grid_sample(masks[:, None].to(points.dtype), grid, mode="bilinear",
-                        padding_mode="zeros", align_corners=False)
-    return out[:, 0, :, 0]
-
-
 def point_sample_channels(masks: Tensor, points: Tensor) -> Tensor:
     """masks (N, C, h, w), points (N, P, 2) in [0, 1] (x, y) -> (N, C, P): every channel of an
     item read at that item's points (the matcher compares all of an image's predicted and target
     masks on one set of points)."""
-    grid = (2 * points - 1)[:, :, None, :]
+    grid = (2 * points - 1)[:, :, None, :]  # (N, P, 1, 2)
     return F.grid_sample(masks.to(points.dtype), grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)[..., 0]
+
+
+def point_sample(masks: Tensor, points: Tensor) -> Tensor:
+    """masks (N, h, w), points (N, P, 2) in [0, 1] (x, y) -> (N, P) bilinear samples."""
+    return point_sample_channels(masks[:, None], points)[:, 0]
 
 
 @torch.no_grad()
@@ -64,8 +61,8 @@ def sample_matched(masks: list[Tensor], sample: Tensor, target: Tensor, points: 
     """Target masks read at the points of their matches: T matches, match i of target target[i]
     of sample sample[i] read at points[i] (P, 2) -> (T, P).
 
-    masks: per sample its (M_b, H, W) target masks. Reads one sample at a time with each target
-    a channel of its own (the matches of one target side by side), so the float copies are of
+    masks: per sample its (M_b, H, W) target masks. Reads one sample at a time, each target at
+    the points of all its matches side by side, so the float copies are of
     one sample's masks, never of every match's: a full-size batch with deep supervision has
     thousands of matches of megapixel masks."""
     out = points.new_zeros(points.shape[:2])
@@ -81,8 +78,6 @@ def sample_matched(masks: list[Tensor], sample: Tensor, target: Tensor, points: 
         m = masks[b].shape[0]
         grid = points.new_zeros(m, int(rank.max()) + 1, n_points, 2)
         grid[tgt, rank] = points[rows]
-        read = F.grid_sample(masks[b][:, None].to(points.dtype),
-                             (2 * grid - 1).flatten(1, 2)[:, :, None], mode="bilinear",
-                             padding_mode="zeros", align_corners=False)
+        read = point_sample(masks[b], grid.flatten(1, 2))  # (m, n_max * P)
         out[rows] = read.view(m, -1, n_points)[tgt, rank]
     return out
