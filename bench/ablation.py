@@ -106,6 +106,10 @@ def scene_shards(data_dir: Path, name: str, n: int, seed: int, style: str = "pho
 BASE = dict(queries="mixed", model="tiny", image_size=128, batch_size=4, steps=1500, lr=5e-4,
             warmup=50, num_points=1024, full_mask=False, model_options={}, loss_weights={},
             tasks=["instance", "panoptic"])
+# plain 160 px scenes, lr 1e-3, 4x Mask DINO's class weight and 4 decoder layers (the levers of
+# `long-cls16` and `long-dec4` below); the arms after those differ from it in steps and points
+DEC4 = dict(image_size=160, lr=1e-3, loss_weights={"loss_class": 16.0},
+            model_options={"dec_layers": 4})
 ARMS: dict[str, dict] = {
     "base": {},
     "dn": dict(model_options={"dn_groups": 3}),
@@ -126,25 +130,19 @@ ARMS: dict[str, dict] = {
     "long-cls16": dict(image_size=160, lr=1e-3, steps=4000, loss_weights={"loss_class": 16.0}),
     "long-cls8": dict(image_size=160, lr=1e-3, steps=4000, loss_weights={"loss_class": 8.0}),
     # long-cls16 with 4 decoder layers: the queries' self-attention gets to suppress duplicates
-    "long-dec4": dict(image_size=160, lr=1e-3, steps=4000, loss_weights={"loss_class": 16.0},
-                      model_options={"dec_layers": 4}),
+    "long-dec4": dict(DEC4, steps=4000),
     # the best measured (held-out mask AP 0.351 in 18 CPU minutes: over the 12 of the issue)
-    "long-dec4-4800": dict(image_size=160, lr=1e-3, steps=4800, num_points=512,
-                           loss_weights={"loss_class": 16.0}, model_options={"dec_layers": 4}),
+    "long-dec4-4800": dict(DEC4, steps=4800, num_points=512),
     # the recipe of the claims (--claim): the combo at 160 px, short enough for 3 seeds x 7 arms
     "claims": dict(image_size=160, lr=1e-3, steps=1200),
     # long-dec4-4800 at twice the learning rate (at 3,100 steps 2e-3 gave 0.257, 1e-3 0.215)
-    "long-dec4-lr2": dict(image_size=160, lr=2e-3, steps=4800, num_points=512,
-                          loss_weights={"loss_class": 16.0}, model_options={"dec_layers": 4}),
+    "long-dec4-lr2": dict(DEC4, lr=2e-3, steps=4800, num_points=512),
     # after the stacked criterion (0.14 s per step instead of 0.23): the steps that fit 12 CPU
     # minutes, and twice the batch for as many images per CPU second (a step of 8 costs 1.44x 4)
-    "long-dec4-5100": dict(image_size=160, lr=1e-3, steps=5100, num_points=512,
-                           loss_weights={"loss_class": 16.0}, model_options={"dec_layers": 4}),
-    "dec4-b8": dict(image_size=160, lr=2e-3, steps=3400, num_points=512, batch_size=8,
-                    loss_weights={"loss_class": 16.0}, model_options={"dec_layers": 4}),
+    "long-dec4-5100": dict(DEC4, steps=5100, num_points=512),
+    "dec4-b8": dict(DEC4, lr=2e-3, steps=3400, num_points=512, batch_size=8),
     # the claims again under what long-dec4 found (class weight 16, 4 decoder layers)
-    "claims-dec4": dict(image_size=160, lr=1e-3, steps=1200, loss_weights={"loss_class": 16.0},
-                        model_options={"dec_layers": 4}),
+    "claims-dec4": dict(DEC4, steps=1200),
 }
 
 
