@@ -172,7 +172,14 @@ def run_claim(ctx, name: str, seeds: list[int]) -> dict:
             console.print(f"{name} / {arm} / seed {seed}: " + ", ".join(
                 f"{k} {runs[arm][-1][k]:.4f}" for k in keys[:3]
                 if runs[arm][-1].get(k) is not None))
-    first = next(iter(arms))
+    summary = summarize(runs, keys)
+    _print_claim(name, seeds, keys, summary, next(iter(arms)))
+    return {"claim": name, "seeds": seeds, "arms": list(arms), "summary": summary, "runs": runs}
+
+
+def summarize(runs: dict[str, list[dict]], keys: list[str]) -> dict:
+    """Mean +- sd of every arm's runs, and each later arm's paired differences with the first."""
+    first = next(iter(runs))
     summary = {}
     for arm, rs in runs.items():
         summary[arm] = {k: dict(zip(("mean", "sd"), _mean_sd([r.get(k) for r in rs]),
@@ -181,8 +188,28 @@ def run_claim(ctx, name: str, seeds: list[int]) -> dict:
             summary[arm]["paired_vs_" + first] = {
                 k: paired([r.get(k) for r in runs[first]], [r.get(k) for r in rs])
                 for k in keys}
-    _print_claim(name, seeds, keys, summary, first)
-    return {"claim": name, "seeds": seeds, "arms": list(arms), "summary": summary, "runs": runs}
+    return summary
+
+
+def combine(parts: list[dict]) -> dict:
+    """One claim result from several recorded ones of the same claim and recipe run on other
+    seeds (side by side on both cores): their runs joined seed by seed, summarized again."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("claim", "recipe", "arms", "n_train", "n_val", "text_encoder"):
+            if part.get(key) != first.get(key):
+                raise ValueError(f"cannot combine: {key} differs ({first.get(key)} vs "
+                                 f"{part.get(key)})")
+    seeds = [seed for part in parts for seed in part["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"cannot combine: a seed is in two parts ({seeds})")
+    runs = {arm: sorted((r for part in parts for r in part["runs"][arm]),
+                        key=lambda r: r["seed"]) for arm in first["arms"]}
+    keys = CLAIMS[first["claim"]][2]
+    summary = summarize(runs, keys)
+    _print_claim(first["claim"], sorted(seeds), keys, summary, first["arms"][0])
+    return dict(first, seeds=sorted(seeds), summary=summary, runs=runs,
+                run_dir=[part["run_dir"] for part in parts])
 
 
 def _fmt(stat: dict) -> str:

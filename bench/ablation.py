@@ -28,6 +28,12 @@ per-seed comparison with the first arm. Merged into bench/results/ablation_claim
 
     .venv/bin/python bench/ablation.py --claim table2 --seeds 0,1,2
     .venv/bin/python bench/ablation.py --claim table2 --quick      # 30 steps, 16 scenes, 2 seeds
+
+Seeds side by side (one process per core), then joined:
+
+    .venv/bin/python bench/ablation.py --claim table2 --seeds 0,1 --tag t2-a &
+    .venv/bin/python bench/ablation.py --claim table2 --seeds 2 --tag t2-b
+    .venv/bin/python bench/ablation.py --claim table2 --combine t2-a,t2-b --tag table2
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ def scene_shards(data_dir: Path, name: str, n: int, seed: int, style: str = "pho
 # 1-thread CPU training on the shared 2-core box.
 BASE = dict(queries="mixed", model="tiny", image_size=128, batch_size=4, steps=1500, lr=5e-4,
             warmup=50, num_points=1024, full_mask=False, model_options={}, loss_weights={},
-            tasks=["instance", "panoptic"])
+            tasks=["instance", "panoptic"], ema_decay=0.0)
 # plain 160 px scenes, lr 1e-3, 4x Mask DINO's class weight and 4 decoder layers (the levers of
 # `long-cls16` and `long-dec4` below); the arms after those differ from it in steps and points
 DEC4 = dict(image_size=160, lr=1e-3, loss_weights={"loss_class": 16.0},
@@ -141,8 +147,18 @@ ARMS: dict[str, dict] = {
     # minutes, and twice the batch for as many images per CPU second (a step of 8 costs 1.44x 4)
     "long-dec4-5100": dict(DEC4, steps=5100, num_points=512),
     "dec4-b8": dict(DEC4, lr=2e-3, steps=3400, num_points=512, batch_size=8),
+    # long-dec4-5100's recipe with an average of the weights (decay 0.999: about the last
+    # thousand steps), for the steps that fit 12 CPU minutes with room for the box's variance
+    "dec4-ema": dict(DEC4, steps=4600, num_points=512, ema_decay=0.999),
+    # the class head sees each query's mask shape (model/heads.py shape_masks): with every query
+    # given its best-matching object's class, long-dec4-5100 seed 0 scored 0.62 instead of 0.33.
+    # At 4600 steps it reached 0.43 / 0.40 in 12.9 CPU minutes; 3800 steps fit 12 with room
+    "dec4-shape": dict(DEC4, steps=3800, num_points=512,
+                       model_options={"dec_layers": 4, "shape_masks": True}),
     # the claims again under what long-dec4 found (class weight 16, 4 decoder layers)
     "claims-dec4": dict(DEC4, steps=1200),
+    # and under dec4-shape's class head
+    "claims-shape": dict(DEC4, steps=1200, model_options={"dec_layers": 4, "shape_masks": True}),
 }
 
 
@@ -273,7 +289,7 @@ class Bench:
                              full_mask_loss=cfg["full_mask"], log_interval=20,
                              ckpt_interval=cfg["steps"], seed=seed, device="cpu",
                              tensorboard=False, model_options=cfg["model_options"],
-                             loss_weights=cfg["loss_weights"],
+                             loss_weights=cfg["loss_weights"], ema_decay=cfg["ema_decay"],
                              data={"image_size": cfg["image_size"]})
         loader = MixtureLoader(load_mixture(mix), image_size=cfg["image_size"],
                                batch_size=cfg["batch_size"], seed=seed, train=True,
@@ -386,6 +402,9 @@ def claim_main(args) -> int:
     """--claim NAME: every arm of one of the paper's claims (bench/_claims.py), several seeds."""
     import _claims
 
+    if args.combine:
+        return combine_main(args)
+
     seeds = [int(v) for v in args.seeds.split(",")]
     bench = Bench(args, args.arm or "claims")
     bench.run_dir = _claims.run_dir(args.data_dir, args.claim)
@@ -405,10 +424,33 @@ def claim_main(args) -> int:
     return 0
 
 
+def combine_main(args) -> int:
+    """--claim NAME --combine TAG,TAG --tag NEW: recorded parts of one claim (other seeds, run
+    side by side) joined under NEW; the parts stay in the file."""
+    import _claims
+
+    path = args.results / ("ablation_claims" + (".quick" if args.quick else "") + ".json")
+    recorded = json.loads(path.read_text())["claims"] if path.is_file() else {}
+    tags = args.combine.split(",")
+    missing = [t for t in tags if t not in recorded]
+    check(not missing, f"--combine: no recorded claim {', '.join(missing)} in {path}")
+    check(args.tag, "--combine needs --tag NEW (the combined result's name)")
+    parts = [recorded[t] for t in tags]
+    check(all(p["claim"] == args.claim for p in parts), f"--combine: not all are {args.claim}")
+    try:
+        combined = _claims.combine(parts)
+    except ValueError as exc:
+        check(False, f"--combine {args.combine}: {exc}")
+    merge_result(path, "ablation_claims", "claims", args.tag,
+                 dict(combined, combined_from=tags, machine=machine()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the arm's)")
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds (default 0; quick: 0,1)")
     p.add_argument("--n-train", type=int, default=1000, help="training scenes (quick: 16)")
     p.add_argument("--n-val", type=int, default=100, help="held-out scenes (quick: 8)")
     p.add_argument("--n-a", type=int, default=250, help="claim masks: set A's scenes (GT masks)")
@@ -419,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arm", default=None, help=f"the recipe: one of {', '.join(ARMS)}")
     p.add_argument("--claim", default=None, choices=("table2", "masks", "captions"),
                    help="run one of the paper's claims (all its arms, every seed)")
+    p.add_argument("--combine", default=None, metavar="TAG,TAG",
+                   help="with --claim and --tag: join recorded parts of one claim run on other "
+                        "seeds (side by side) under --tag")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field of the arm's recipe (repeatable)")
     p.add_argument("--tag", default=None,
@@ -433,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.n_train, args.n_val, args.n_a, args.n_b = 30, 16, 8, 8, 8
-        args.seeds = "0,1"
+        args.seeds = args.seeds or "0,1"
+    args.seeds = args.seeds or "0"
     if args.quick and not args.arm and not args.claim:
         args.claim = "table2"  # `make bench`: the smoke test of the claims path
     if not args.arm and not args.claim and not args.rediagnose:

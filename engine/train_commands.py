@@ -115,6 +115,9 @@ def train_command(
     = None,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0 = off).")] = 0.01,
+    ema_decay: Annotated[float, typer.Option(
+        help="Keep a moving average of the weights with this decay (e.g. 0.999, about the last "
+             "1000 steps); eval and predict then use it. 0 = off.")] = 0.0,
     num_points: Annotated[int, typer.Option(help="Sampled points for mask cost/loss.")] = 12544,
     log_interval: Annotated[int, typer.Option(help="Steps between metrics.jsonl rows.")] = 10,
     ckpt_interval: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
@@ -165,6 +168,8 @@ def train_command(
         _at_least(flag, value, low)
     if not lr > 0:
         raise ValueError(f"--lr must be > 0, got {lr}")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {ema_decay}")
     warmup = min(100, steps // 10) if warmup is None else warmup
     if not 0 <= warmup <= steps:
         raise ValueError(f"--warmup must be in [0, --steps={steps}], got {warmup}")
@@ -189,6 +194,7 @@ def train_command(
         text_encoder_path=None if text_encoder_path is None else str(text_encoder_path),
         backbone_checkpoint=None if backbone_checkpoint is None else str(backbone_checkpoint),
         max_iters=steps, grad_accum=grad_accum, lr=lr, warmup_iters=warmup, grad_clip=grad_clip,
+        ema_decay=ema_decay,
         num_points=num_points, log_interval=log_interval, ckpt_interval=ckpt_interval, seed=seed,
         device=device, resume=resume, tensorboard=tensorboard, checkpoint_name=CHECKPOINT_NAME,
         stop_after=stop_after, model_options=model_options, loss_weights=loss_weights, data=data)

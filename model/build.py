@@ -21,12 +21,13 @@ from model.pixel_encoder import PixelEncoder
 from model.text import CachedTextEncoder, build_text_encoder
 
 # Off by default in every size: Mask DINO's denoising queries (model/denoising.py; dn_groups > 0,
-# training only), the class head's text centring and its mask pooling (model/heads.py), and
-# class_loss "softmax": Mask2Former's closed-set classification (softmax cross-entropy over the
-# sample's texts plus a learned no-object class, model/criterion.py) instead of sigmoid focal loss.
+# training only), the class head's text centring, its mask pooling and its view of the masks'
+# shapes (model/heads.py), and class_loss "softmax": Mask2Former's closed-set classification
+# (softmax cross-entropy over the sample's texts plus a learned no-object class,
+# model/criterion.py) instead of sigmoid focal loss.
 CLASS_LOSSES = ("sigmoid", "softmax")
 _OPTIONS = dict(dn_groups=0, dn_label_noise=0.2, dn_box_noise=0.4, center_texts=False,
-                pool_masks=False, class_loss="sigmoid")
+                pool_masks=False, class_loss="sigmoid", shape_masks=False)
 _FULL = dict(**_OPTIONS, d=256, mask_dim=256, enc_layers=6, enc_ffn=2048, dec_layers=9,
              dec_ffn=2048, n_heads=8, n_points=4, num_learnable=100, num_conditional=300,
              joint_self_attn=True, dropout=0.0)
@@ -88,4 +89,4 @@ def build_mqformer(size: str = "tiny", text_encoder: CachedTextEncoder | str = "
     return MQFormer(backbone, pixel_encoder, decoder, text_encoder, cfg["d"], cfg["mask_dim"],
                     queries, cfg["num_learnable"], cfg["num_conditional"], denoising,
                     cfg.get("center_texts", False), cfg.get("pool_masks", False),
-                    cfg.get("class_loss", "sigmoid"))
+                    cfg.get("class_loss", "sigmoid"), cfg.get("shape_masks", False))

@@ -54,14 +54,15 @@ __all__ = ["TASKS", "EvalConfig", "Evaluator", "boxes_to_original", "dataset_cat
 def load_model(state: dict) -> MQFormer:
     """An MQFormer rebuilt from a training checkpoint's resolved config, weights loaded, eval mode.
 
-    The backbone checkpoint is not read again: its weights are in state["model"].
+    The backbone checkpoint is not read again: its weights are in state["model"]. A run trained
+    with a weight average (--ema-decay) is rebuilt with the averaged weights, state["ema"].
     """
     config = state["config"]
     model = build_mqformer(config["model_size"], text_encoder=config["text_encoder"],
                            queries=config["queries"],
                            text_encoder_path=config.get("text_encoder_path"),
                            **state["model_config"])
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["ema"]["weights"] if "ema" in state else state["model"])
     return model.eval()
 
 

@@ -71,7 +71,8 @@ class MQFormer(nn.Module):
                  text_encoder: CachedTextEncoder, d: int, mask_dim: int, queries: str = "mixed",
                  num_learnable: int = 100, num_conditional: int = 300,
                  denoising: DenoisingQueries | None = None, center_texts: bool = False,
-                 pool_masks: bool = False, class_loss: str = "sigmoid"):
+                 pool_masks: bool = False, class_loss: str = "sigmoid",
+                 shape_masks: bool = False):
         super().__init__()
         self.denoising = denoising
         self.class_loss = class_loss
@@ -79,7 +80,7 @@ class MQFormer(nn.Module):
         self.text_encoder = text_encoder  # frozen, plain object: not in state_dict or optimizer
         self.text_proj = nn.Linear(text_encoder.dim, d)
         self.heads = PredictionHeads(d, mask_dim, center_texts, pool_masks,
-                                     no_object=class_loss == "softmax")
+                                     no_object=class_loss == "softmax", shape_masks=shape_masks)
         self.queries_mode = queries
         self.num_learnable, self.num_conditional = query_counts(queries, num_learnable,
                                                                 num_conditional)

@@ -61,6 +61,9 @@ class TrainConfig:
     warmup_iters: int = 100
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_iters
     grad_clip: float = 0.01            # full-model grad-norm clip (Mask DINO); 0 = off
+    ema_decay: float = 0.0             # > 0: keep an exponential moving average of the weights
+                                       # (checkpoint["ema"]), which eval and predict then use;
+                                       # 0 = off
     num_points: int = 12544            # points for mask cost and loss
     full_mask_loss: bool = False       # mask losses on every stride-4 pixel instead of points
     log_interval: int = 10
@@ -97,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}; choose one of: auto, cpu, cuda")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.max_iters:
             raise ValueError(f"stop_after={self.stop_after} must be in [1, max_iters]")
 
@@ -130,6 +135,40 @@ def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     return [{"params": ps, "lr": config.lr * mult[part],
              "weight_decay": config.weight_decay if decay else 0.0}
             for (part, decay), ps in groups.items()]
+
+
+class WeightAverage:
+    """An exponential moving average of a model's floating-point parameters and buffers.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) over the first updates, so the average
+    is not anchored to the random initial weights (a short run would otherwise evaluate weights
+    that are mostly its first steps'). Integer buffers are copied as they are.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        floats, targets = [], []
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                floats.append(self.state[k])
+                targets.append(v.detach())
+            else:
+                self.state[k].copy_(v)
+        torch._foreach_lerp_(floats, targets, 1.0 - decay)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.state, "updates": self.updates}
+
+    def load_state_dict(self, saved: dict) -> None:
+        for k, v in saved["weights"].items():
+            self.state[k].copy_(v)
+        self.updates = int(saved["updates"])
 
 
 def rng_state() -> dict:
@@ -179,7 +218,7 @@ def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
 # builds, and the data options that decide its batches.
 RESUME_KEYS = {"model_size": "--model", "queries": "--queries", "text_encoder": "--text-encoder",
                "model_options": "model options (--model-option)",
-               "loss_weights": "loss weights (--loss-weight)"}
+               "loss_weights": "loss weights (--loss-weight)", "ema_decay": "--ema-decay"}
 RESUME_DATA_KEYS = {"image_size": "--image-size", "batch_size": "--batch-size", "seed": "--seed"}
 
 
@@ -190,7 +229,9 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict:
         raise FileNotFoundError(f"--resume: no checkpoint {path}")
     state = load_checkpoint_file(path)
     saved = state["config"]
-    pairs = [(flag, saved.get(key, {}), getattr(config, key)) for key, flag in RESUME_KEYS.items()]
+    defaults = {"model_options": {}, "loss_weights": {}, "ema_decay": 0.0}  # older checkpoints
+    pairs = [(flag, saved.get(key, defaults.get(key)), getattr(config, key))
+             for key, flag in RESUME_KEYS.items()]
     saved_data = saved.get("data", {})
     pairs += [(flag, saved_data[key], config.data[key]) for key, flag in RESUME_DATA_KEYS.items()
               if key in saved_data and key in config.data]
@@ -336,6 +377,7 @@ def train(config: TrainConfig, data,
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr,
                                   fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: get_lr(it, config))
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     step = 0
     if config.resume:
         state = resume_state if resume_state is not None else load_checkpoint(ckpt_path, config)
@@ -349,6 +391,11 @@ def train(config: TrainConfig, data,
         step = state["step"]
         set_rng_state(state["rng"][rank])
         data.load_state_dict(state["data"][rank])
+        if average is not None:
+            if "ema" not in state:
+                raise ValueError(f"--resume: {ckpt_path} was trained without a weight average; "
+                                 "resume it without --ema-decay, or start a new --out")
+            average.load_state_dict(state["ema"])  # load_checkpoint checked ema_decay
         log.info("resumed from %s at step %d", ckpt_path, step)
     else:
         torch.manual_seed(config.seed + rank)  # different mask points per rank from here on
@@ -369,7 +416,8 @@ def train(config: TrainConfig, data,
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rngs, "data": loaders,
                 "config": asdict(config),
                 "model_config": model_config(config.model_size, **config.model_options),
-                "schema_version": SCHEMA_VERSION})
+                "schema_version": SCHEMA_VERSION,
+                **({"ema": average.state_dict()} if average is not None else {})})
 
     last_step = config.stop_after or config.max_iters
     while step < last_step:
@@ -388,6 +436,8 @@ def train(config: TrainConfig, data,
         lr = config.lr * get_lr(step, config)  # the head lr; the backbone runs at a multiple
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update(model)
         step += 1
         row = None
         if metrics is not None and (step % config.log_interval == 0 or step == last_step):

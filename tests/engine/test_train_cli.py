@@ -202,6 +202,7 @@ def test_bad_mix_yaml_exits_2_naming_the_key(shards, tmp_path, capsys, line, mes
     ("--model-option", "class_loss=soft", "--model-option: unknown class_loss 'soft'; choose one"),
     ("--loss-weight", "loss_klass=16", "--loss-weight 'loss_klass' is not valid; choose one of"),
     ("--loss-weight", "loss_class=-1", "--loss-weight loss_class must be >= 0"),
+    ("--ema-decay", "1", "--ema-decay must be in [0, 1), got 1.0"),
 ])
 def test_bad_train_flags_exit_2_naming_the_flag(shards, tmp_path, capsys, flag, value, message):
     argv = ["train", "--mixture", str(shards["mix"]), "--out", str(tmp_path / "o"), *TRAIN_FLAGS]
@@ -214,15 +215,16 @@ def test_bad_train_flags_exit_2_naming_the_flag(shards, tmp_path, capsys, flag, 
 
 
 def test_model_options_and_loss_weights_reach_the_checkpoint(shards, tmp_path, capsys):
-    """--model-option / --loss-weight: the softmax classifier with another class weight trains,
-    is kept in the checkpoint, evaluates from it, and a resume asking for other weights is
-    refused naming the flag."""
+    """--model-option / --loss-weight / --ema-decay: the softmax classifier with another class
+    weight and a weight average trains, is kept in the checkpoint, evaluates from it, and a resume
+    asking for other weights is refused naming the flag."""
     out = tmp_path / "sm"
     argv = ["train", "--mixture", str(shards["mix"]), "--out", str(out), *TRAIN_FLAGS,
             "--model-option", "class_loss=softmax", "--model-option", "dec_layers=3",
-            "--loss-weight", "loss_class=16"]
+            "--ema-decay", "0.99", "--loss-weight", "loss_class=16"]
     assert main([*argv, "--stop-after", "3"]) == 0
     state = torch.load(out / "last.pt", weights_only=True)
+    assert state["config"]["ema_decay"] == 0.99 and state["ema"]["updates"] == 3
     assert state["config"]["model_options"] == {"class_loss": "softmax", "dec_layers": 3}
     assert state["config"]["loss_weights"] == {"loss_class": 16.0}
     assert state["model_config"]["class_loss"] == "softmax"
@@ -232,7 +234,8 @@ def test_model_options_and_loss_weights_reach_the_checkpoint(shards, tmp_path, c
     err = " ".join(capsys.readouterr().err.split())
     assert "loss weights (--loss-weight) {'loss_class': 16.0}, this run asks for" in err, err
     assert main([*argv, "--resume"]) == 0
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == state["ema"]["updates"] == 6
     assert main(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(shards["scenes"]),
                  "--task", "instance", "--device", "cpu"]) == 0
 

@@ -205,3 +205,59 @@ def test_mask_pooling_averages_features_over_the_soft_mask_and_starts_as_the_pla
     cls.sum().backward()
     assert heads.pool.weight.grad.abs().sum() > 0
     assert masks.grad is None or masks.grad.abs().sum() == 0
+
+
+def test_shape_features_crop_each_mask_to_its_extent_and_start_as_the_plain_head():
+    """shape_masks: each query's sigmoid mask, cropped to the extent of its binary mask and
+    resampled to 16 x 16, equals scipy's bilinear resampling of the same region, with the
+    extent's log width and height; an empty mask uses the whole map. The added MLP starts at
+    zero (an untrained model equals the plain one) and the class loss does not reach the masks
+    through it."""
+    import numpy as np
+    from scipy.ndimage import map_coordinates
+
+    from model.heads import SHAPE_GRID, PredictionHeads, shape_features
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 12, 20) * 3 - 4  # mostly background
+    logits[0, 0, 2:9, 5:17] += 9.0
+    logits[1, 1, 0:12, 0:4] += 9.0
+    logits[1, 2] = -1.0  # empty
+    got = shape_features(logits).numpy()
+    assert got.shape == (2, 3, SHAPE_GRID * SHAPE_GRID + 2)
+    for b in range(2):
+        for q in range(3):
+            binary = logits[b, q].numpy() > 0
+            rows, cols = np.nonzero(binary.any(1))[0], np.nonzero(binary.any(0))[0]
+            y0, y1 = (rows[0], rows[-1] + 1) if len(rows) else (0, 12)
+            x0, x1 = (cols[0], cols[-1] + 1) if len(cols) else (0, 20)
+            centres = (np.arange(SHAPE_GRID) + 0.5) / SHAPE_GRID
+            ys, xs = np.meshgrid(y0 + centres * (y1 - y0) - 0.5, x0 + centres * (x1 - x0) - 0.5,
+                                 indexing="ij")
+            prob = 1 / (1 + np.exp(-logits[b, q].double().numpy()))
+            ref = map_coordinates(prob, [ys, xs], order=1, mode="grid-constant", cval=0.0)
+            np.testing.assert_allclose(got[b, q, :-2], ref.ravel(), atol=1e-5)
+            np.testing.assert_allclose(got[b, q, -2:], np.log([(x1 - x0) / 20, (y1 - y0) / 12]),
+                                       atol=1e-6)
+
+    torch.manual_seed(1)
+    plain = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24)).eval()
+    torch.manual_seed(1)
+    shaped = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24),
+                            shape_masks=True).eval()
+    shaped.load_state_dict(plain.state_dict(), strict=False)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(images, TEXTS[:2]), shaped(images, TEXTS[:2])
+    for key in ("pred_logits", "pred_masks", "pred_boxes"):
+        torch.testing.assert_close(a[key], b[key])
+
+    heads = PredictionHeads(8, 6, shape_masks=True)
+    torch.nn.init.normal_(heads.shape.layers[-1].weight)
+    queries = torch.randn(1, 3, 8, requires_grad=True)
+    cls, masks = heads(queries, torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool),
+                       torch.randn(1, 6, 4, 5))
+    masks.retain_grad()
+    cls.sum().backward()
+    assert heads.shape.layers[0].weight.grad.abs().sum() > 0
+    assert masks.grad is None or masks.grad.abs().sum() == 0

@@ -282,3 +282,69 @@ def test_resume_with_another_optimizer_layout_is_one_error(tmp_path):
     save_checkpoint(path, state)
     with pytest.raises(ValueError, match=r"ckpt.pt: its optimizer state does not fit"):
         train(_config(tmp_path, max_iters=4, resume=True), FakeLoader())
+
+
+def _recording_build(monkeypatch):
+    """Patch train()'s build_mqformer to keep the model it builds (weights seen step by step)."""
+    import model.train as train_module
+
+    built = []
+    original = train_module.build_mqformer
+
+    def keep(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(train_module, "build_mqformer", keep)
+    return built
+
+
+def test_weight_average_follows_its_formula_and_eval_loads_it(tmp_path, monkeypatch):
+    from model.inference import load_model
+
+    built = _recording_build(monkeypatch)
+    snapshots = []  # the live weights after every step
+
+    def snapshot(step, row):
+        snapshots.append({k: v.detach().clone() for k, v in built[0].state_dict().items()})
+
+    decay = 0.3
+    path = train(_config(tmp_path, ema_decay=decay), FakeLoader(), on_step=snapshot)
+    state = torch.load(path, weights_only=True)
+    assert state["ema"]["updates"] == 4
+    # independent: the initial weights again from train()'s seed, then the ramped decay by hand
+    torch.manual_seed(0)
+    from model.build import build_mqformer
+
+    initial = build_mqformer("tiny", text_encoder="hashed", queries="mixed").state_dict()
+    floats = [k for k, v in initial.items() if v.is_floating_point()]
+    expected = {k: initial[k].double().numpy() for k in floats}
+    for t, weights in enumerate(snapshots, start=1):
+        d = min(decay, (1 + t) / (10 + t))
+        for k in floats:
+            expected[k] = d * expected[k] + (1 - d) * weights[k].double().numpy()
+    moved = 0
+    for k in floats:
+        np.testing.assert_allclose(state["ema"]["weights"][k].numpy(), expected[k], rtol=1e-5,
+                                   atol=1e-6, err_msg=k)
+        moved += not torch.equal(state["ema"]["weights"][k], state["model"][k])
+    assert moved > len(floats) // 2  # the average is not the live weights
+    model = load_model(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["ema"]["weights"][k]), k
+
+
+def test_weight_average_resumes_exactly_and_refuses_another_decay(tmp_path):
+    straight = torch.load(train(_config(tmp_path / "a", ema_decay=0.9), FakeLoader()),
+                          weights_only=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path / "b", ema_decay=0.9), FakeLoader(stop_after=3))
+    resumed = torch.load(train(_config(tmp_path / "b", ema_decay=0.9, resume=True),
+                               FakeLoader()), weights_only=True)
+    assert resumed["ema"]["updates"] == straight["ema"]["updates"] == 4
+    for k, v in straight["ema"]["weights"].items():
+        assert torch.equal(v, resumed["ema"]["weights"][k]), k
+    with pytest.raises(ValueError, match="with --ema-decay 0.9, this run asks for 0.0"):
+        train(_config(tmp_path / "b", resume=True), FakeLoader())
+    with pytest.raises(ValueError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
+        _config(tmp_path, ema_decay=1.0)
