@@ -134,7 +134,7 @@ def train_command(
     model_option: Annotated[list[str] | None, typer.Option(
         metavar="KEY=VALUE",
         help="Override one hyper-parameter of --model (repeatable), e.g. class_loss=softmax, "
-             "dn_groups=3, dec_layers=4.")] = None,
+             "dn_groups=3, dec_layers=4, shape_masks=true.")] = None,
     loss_weight: Annotated[list[str] | None, typer.Option(
         metavar="NAME=VALUE",
         help="Override one loss weight (repeatable): loss_class (default 4), loss_mask (5), "

@@ -221,11 +221,14 @@ def test_model_options_and_loss_weights_reach_the_checkpoint(shards, tmp_path, c
     out = tmp_path / "sm"
     argv = ["train", "--mixture", str(shards["mix"]), "--out", str(out), *TRAIN_FLAGS,
             "--model-option", "class_loss=softmax", "--model-option", "dec_layers=3",
-            "--ema-decay", "0.99", "--loss-weight", "loss_class=16"]
+            "--model-option", "shape_masks=true", "--ema-decay", "0.99",
+            "--loss-weight", "loss_class=16"]
     assert main([*argv, "--stop-after", "3"]) == 0
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["config"]["ema_decay"] == 0.99 and state["ema"]["updates"] == 3
-    assert state["config"]["model_options"] == {"class_loss": "softmax", "dec_layers": 3}
+    assert state["config"]["model_options"] == {"class_loss": "softmax", "dec_layers": 3,
+                                                "shape_masks": True}
+    assert any(k.startswith("heads.shape.") for k in state["model"])
     assert state["config"]["loss_weights"] == {"loss_class": 16.0}
     assert state["model_config"]["class_loss"] == "softmax"
     assert any(k.endswith("cls.no_object") for k in state["model"])
