@@ -148,10 +148,11 @@ ARMS: dict[str, dict] = {
     "long-dec4-5100": dict(DEC4, steps=5100, num_points=512),
     "dec4-b8": dict(DEC4, lr=2e-3, steps=3400, num_points=512, batch_size=8),
     # long-dec4-5100's recipe with an average of the weights (decay 0.999: about the last
-    # thousand steps), for the steps that fit 12 CPU minutes with room for the box's variance
+    # thousand steps), for the steps that fit 12 CPU minutes with room for the box's variance;
+    # within noise of the same runs' live weights (-0.005 / +0.015)
     "dec4-ema": dict(DEC4, steps=4600, num_points=512, ema_decay=0.999),
     # the class head sees each query's mask shape (model/heads.py shape_masks): with every query
-    # given its best-matching object's class, long-dec4-5100 seed 0 scored 0.62 instead of 0.33.
+    # given its best-matching object's class, long-dec4-5100 seed 0 scored 0.61 instead of 0.33.
     # At 4600 steps it reached 0.43 / 0.40 in 12.9 CPU minutes; 3800 steps fit 12 with room
     "dec4-shape": dict(DEC4, steps=3800, num_points=512,
                        model_options={"dec_layers": 4, "shape_masks": True}),
@@ -206,9 +207,36 @@ def one_label_per_query(predictions: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def oracle_classes(gt: list[dict], predictions: list[dict]) -> list[dict]:
+    """Each query once (its best-scoring copy), relabelled with the category of the ground-truth
+    object its mask overlaps most (IoU through pycocotools): the AP this model's masks and
+    ranking would get from a perfect classifier. Unmatched queries keep their own label."""
+    from model.evaluate import _as_rle
+
+    objects = {im["image_id"]: im["objects"] for im in gt}
+    gt_rles = {i: [_as_rle(o["mask"]) for o in objs] for i, objs in objects.items()}
+    best: dict[tuple, dict] = {}  # as one_label_per_query, keeping the query's own label
+    for p in predictions:
+        key = (p["image_id"], tuple(p["box"]))
+        if key not in best or p["score"] > best[key]["score"]:
+            best[key] = p
+    out = []
+    for p in best.values():
+        rles = gt_rles[p["image_id"]]
+        label = p["category"]
+        if rles:
+            ious = mask_utils.iou([_as_rle(p["mask"])], rles, [0] * len(rles))[0]
+            if ious.max() > 0:
+                label = objects[p["image_id"]][int(ious.argmax())]["category"]
+        out.append(dict(p, category=label))
+    return out
+
+
 def diagnose(model, shards: Path, image_size: int, limit: int | None = None) -> dict:
     """Per-class and class-agnostic mask AP, matched-query mask IoU and class accuracy of
-    `model` on the instance targets of a shard folder."""
+    `model` on the instance targets of a shard folder; the oracle-class AP (oracle_classes) and
+    the matched queries' confusions ("ground truth -> predicted": count)."""
+    from collections import Counter
     from itertools import islice
 
     import torch
@@ -223,7 +251,7 @@ def diagnose(model, shards: Path, image_size: int, limit: int | None = None) -> 
     vocab, is_thing = dataset_categories(ShardSet(shards), keep_only=True)
     evaluator = Evaluator("instance", vocab, is_thing, num_points=1024)
     matcher = HungarianMatcher(num_points=1024)
-    ious, correct, total = [], 0, 0
+    ious, correct, total, confusion = [], 0, 0, Counter()
     samples = islice(iter_eval_samples(shards, "instance", image_size), limit)
     for sample, out in run_model(model, samples, "cpu", 8):
         evaluator.add(sample, out)
@@ -238,8 +266,13 @@ def diagnose(model, shards: Path, image_size: int, limit: int | None = None) -> 
         inter = (masks & gt).flatten(1).sum(1).float()
         union = (masks | gt).flatten(1).sum(1).float().clamp(min=1)
         ious += (inter / union).tolist()
-        correct += int((out["pred_logits"][src].argmax(-1) == target["labels"][tgt]).sum())
+        predicted = out["pred_logits"][src].argmax(-1)
+        correct += int((predicted == target["labels"][tgt]).sum())
         total += len(src)
+        texts = target["texts"]
+        confusion.update(f"{texts[g]} -> {texts[q]}"
+                         for g, q in zip(target["labels"][tgt].tolist(), predicted.tolist(),
+                                         strict=True))
     per_class = instance_ap(evaluator.gt, evaluator.pred)
     agnostic_gt = [dict(im, objects=[dict(o, category="object") for o in im["objects"]])
                    for im in evaluator.gt]
@@ -248,7 +281,10 @@ def diagnose(model, shards: Path, image_size: int, limit: int | None = None) -> 
             "box_AP": per_class["box_AP"], "agnostic_mask_AP": agnostic["mask_AP"],
             "agnostic_mask_AP50": agnostic["mask_AP50"],
             "matched_iou": statistics.mean(ious) if ious else None,
-            "matched_class_acc": correct / total if total else None, "images": evaluator.images}
+            "matched_class_acc": correct / total if total else None, "images": evaluator.images,
+            "oracle_class_mask_AP": instance_ap(evaluator.gt, oracle_classes(
+                evaluator.gt, evaluator.pred))["mask_AP"],
+            "confusion": dict(sorted(confusion.items()))}
 
 
 class Bench:

@@ -218,7 +218,7 @@ class PredictionHeads(nn.Module):
     2-layer MLP whose last layer starts at zero, added to the query). Averaged features say what
     an object is made of, not what its outline is; on the CPU miniature, whose classes differ
     only by outline, the mask head drew the shapes well while the class head confused ellipses,
-    polygons and stars (held-out AP 0.33, 0.62 with each query given its best-matching object's
+    polygons and stars (held-out AP 0.33, 0.61 with each query given its best-matching object's
     class). With it, held-out AP was 0.41-0.46 on four seeds in 10 CPU minutes (bench/README.md).
     Off by default: measured on the miniature only.
     """
