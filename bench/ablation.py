@@ -194,17 +194,21 @@ def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
     return cfg
 
 
-def one_label_per_query(predictions: list[dict]) -> list[dict]:
-    """Class-agnostic copies of instance predictions: the top-100 over queries x texts holds a
-    query once per text it scores, with the same box and mask; relabelled as one category those
-    copies would be duplicates (false positives), so only each query's best-scoring copy stays
-    (a query is identified by its image and box)."""
+def best_copies(predictions: list[dict]) -> list[dict]:
+    """Each query's best-scoring copy: the top-100 over queries x texts holds a query once per
+    text it scores, with the same box and mask (a query is identified by its image and box)."""
     best: dict[tuple, dict] = {}
     for p in predictions:
         key = (p["image_id"], tuple(p["box"]))
         if key not in best or p["score"] > best[key]["score"]:
-            best[key] = dict(p, category="object")
+            best[key] = p
     return list(best.values())
+
+
+def one_label_per_query(predictions: list[dict]) -> list[dict]:
+    """Class-agnostic copies of instance predictions: relabelled as one category, a query's
+    copies would be duplicates (false positives), so only its best copy stays."""
+    return [dict(p, category="object") for p in best_copies(predictions)]
 
 
 def oracle_classes(gt: list[dict], predictions: list[dict]) -> list[dict]:
@@ -215,13 +219,8 @@ def oracle_classes(gt: list[dict], predictions: list[dict]) -> list[dict]:
 
     objects = {im["image_id"]: im["objects"] for im in gt}
     gt_rles = {i: [_as_rle(o["mask"]) for o in objs] for i, objs in objects.items()}
-    best: dict[tuple, dict] = {}  # as one_label_per_query, keeping the query's own label
-    for p in predictions:
-        key = (p["image_id"], tuple(p["box"]))
-        if key not in best or p["score"] > best[key]["score"]:
-            best[key] = p
     out = []
-    for p in best.values():
+    for p in best_copies(predictions):
         rles = gt_rles[p["image_id"]]
         label = p["category"]
         if rles:

@@ -169,13 +169,41 @@ def test_centred_texts_ignore_what_all_of_a_samples_texts_share():
                                plain(queries, texts, one)[:, :, 0])
 
 
+def _added_class_input_starts_plain_and_spares_the_masks(option: str, last, first) -> None:
+    """A class-head input added by `option` (a zero-initialised last layer `last(heads)`): an
+    untrained model with it equals the plain model; once that layer is non-zero, the class loss
+    reaches its first layer `first(heads)` but not the mask logits through it."""
+    from model.heads import PredictionHeads
+
+    torch.manual_seed(1)
+    plain = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24)).eval()
+    torch.manual_seed(1)
+    added = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24), **{option: True}).eval()
+    added.load_state_dict(plain.state_dict(), strict=False)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(images, TEXTS[:2]), added(images, TEXTS[:2])
+    for key in ("pred_logits", "pred_masks", "pred_boxes"):
+        torch.testing.assert_close(a[key], b[key])
+
+    heads = PredictionHeads(8, 6, **{option: True})
+    torch.nn.init.normal_(last(heads).weight)
+    queries = torch.randn(1, 3, 8, requires_grad=True)
+    cls, masks = heads(queries, torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool),
+                       torch.randn(1, 6, 4, 5))
+    masks.retain_grad()
+    cls.sum().backward()
+    assert first(heads).weight.grad.abs().sum() > 0
+    assert masks.grad is None or masks.grad.abs().sum() == 0
+
+
 def test_mask_pooling_averages_features_over_the_soft_mask_and_starts_as_the_plain_head():
     """pool_masks: the class head adds the features averaged over each query's sigmoid mask
     (numpy reference); the added Linear starts at zero, so an untrained model's outputs equal the
     plain model's; the class loss reaches the pooling Linear but not the mask logits through it."""
     import numpy as np
 
-    from model.heads import PredictionHeads, mask_pool
+    from model.heads import mask_pool
 
     torch.manual_seed(0)
     logits, feats = torch.randn(2, 3, 4, 5), torch.randn(2, 6, 4, 5)
@@ -183,28 +211,8 @@ def test_mask_pooling_averages_features_over_the_soft_mask_and_starts_as_the_pla
     ref = np.einsum("bqhw,bchw->bqc", w, feats.numpy()) / w.sum((2, 3))[..., None]
     np.testing.assert_allclose(mask_pool(logits, feats).numpy(), ref, rtol=1e-5, atol=1e-6)
 
-    torch.manual_seed(1)
-    plain = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24)).eval()
-    torch.manual_seed(1)
-    pooled = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24),
-                            pool_masks=True).eval()
-    pooled.load_state_dict(plain.state_dict(), strict=False)
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        a, b = plain(images, TEXTS[:2]), pooled(images, TEXTS[:2])
-    for key in ("pred_logits", "pred_masks", "pred_boxes"):
-        torch.testing.assert_close(a[key], b[key])
-
-    heads = PredictionHeads(8, 6, pool_masks=True)
-    torch.nn.init.normal_(heads.pool.weight)
-    queries = torch.randn(1, 3, 8, requires_grad=True)
-    mask_feats = torch.randn(1, 6, 4, 5)
-    cls, masks = heads(queries, torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool),
-                       mask_feats)
-    masks.retain_grad()
-    cls.sum().backward()
-    assert heads.pool.weight.grad.abs().sum() > 0
-    assert masks.grad is None or masks.grad.abs().sum() == 0
+    _added_class_input_starts_plain_and_spares_the_masks(
+        "pool_masks", last=lambda heads: heads.pool, first=lambda heads: heads.pool)
 
 
 def test_shape_features_crop_each_mask_to_its_extent_and_start_as_the_plain_head():
@@ -216,7 +224,7 @@ def test_shape_features_crop_each_mask_to_its_extent_and_start_as_the_plain_head
     import numpy as np
     from scipy.ndimage import map_coordinates
 
-    from model.heads import SHAPE_GRID, PredictionHeads, shape_features
+    from model.heads import SHAPE_GRID, shape_features
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 12, 20) * 3 - 4  # mostly background
@@ -240,24 +248,6 @@ def test_shape_features_crop_each_mask_to_its_extent_and_start_as_the_plain_head
             np.testing.assert_allclose(got[b, q, -2:], np.log([(x1 - x0) / 20, (y1 - y0) / 12]),
                                        atol=1e-6)
 
-    torch.manual_seed(1)
-    plain = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24)).eval()
-    torch.manual_seed(1)
-    shaped = build_mqformer("tiny", text_encoder=HashedBagOfWords(dim=24),
-                            shape_masks=True).eval()
-    shaped.load_state_dict(plain.state_dict(), strict=False)
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        a, b = plain(images, TEXTS[:2]), shaped(images, TEXTS[:2])
-    for key in ("pred_logits", "pred_masks", "pred_boxes"):
-        torch.testing.assert_close(a[key], b[key])
-
-    heads = PredictionHeads(8, 6, shape_masks=True)
-    torch.nn.init.normal_(heads.shape.layers[-1].weight)
-    queries = torch.randn(1, 3, 8, requires_grad=True)
-    cls, masks = heads(queries, torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool),
-                       torch.randn(1, 6, 4, 5))
-    masks.retain_grad()
-    cls.sum().backward()
-    assert heads.shape.layers[0].weight.grad.abs().sum() > 0
-    assert masks.grad is None or masks.grad.abs().sum() == 0
+    _added_class_input_starts_plain_and_spares_the_masks(
+        "shape_masks", last=lambda heads: heads.shape.layers[-1],
+        first=lambda heads: heads.shape.layers[0])
